@@ -1,0 +1,30 @@
+# Set-up and the two entry points: `make demo` (the main job) and `make test`.
+# The virtual environment is made once and refreshed when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The dev machines carry a CPU build of this release on local disk. Elsewhere,
+# override it: `make test TORCH='torch>=2.13' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'`.
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/torchslim demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/loop_overhead.py
+
+clean:
+	rm -rf $(VENV) runs
