@@ -1,0 +1,441 @@
+"""Crash-safe checkpoints: atomic save, verified restore, retention, latest.
+
+A checkpoint is a directory ``<logdir>/model.ckpt-<global step>`` holding
+
+* ``tensors.safetensors``: every tensor of the saved state, and
+* ``state.json``: everything else (numbers, strings, lists, dicts), the
+  structure that puts the tensors back in place, the global step, and the
+  SHA-256 of the tensor file.
+
+Nothing is ever unpickled on load. A checkpoint is written into a hidden
+temporary directory beside its final name, every file and the directory are
+fsynced, and only then is it renamed into place: the rename is the commit. A
+crash at any instant therefore leaves the previous committed checkpoint
+loadable, and ``latest_checkpoint`` only ever sees committed ones. A state
+holding NaN or Inf is refused before anything is written.
+
+>>> import tempfile
+>>> logdir = tempfile.mkdtemp()
+>>> saver = Saver(max_to_keep=2)
+>>> for step in (10, 20, 30):
+...     _ = saver.save({"w": torch.ones(2), "note": "hi"}, logdir, global_step=step)
+>>> [os.path.basename(p) for p in list_checkpoints(logdir)]
+['model.ckpt-20', 'model.ckpt-30']
+>>> load(latest_checkpoint(logdir))
+{'w': tensor([1., 1.]), 'note': 'hi'}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from torchslim._types import NonFiniteError
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CorruptCheckpointError",
+    "Saver",
+    "checkpoint_path",
+    "describe",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load",
+    "read_metadata",
+    "save",
+    "step_of",
+]
+
+log = logging.getLogger("torchslim")
+
+CHECKPOINT_PREFIX = "model.ckpt"
+TENSOR_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+FORMAT = "torchslim.checkpoint/1"
+_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"-(\d+)$")
+_RESERVED = ("__tensor__", "__tuple__", "__items__")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint exists but cannot be read back as it was written."""
+
+
+# ---------------------------------------------------------------- names
+
+
+def checkpoint_path(logdir: str | os.PathLike, global_step: int) -> str:
+    """The path of the checkpoint for ``global_step`` in ``logdir``."""
+    return os.path.join(os.fspath(logdir), f"{CHECKPOINT_PREFIX}-{int(global_step)}")
+
+
+def step_of(path: str | os.PathLike) -> int:
+    """The global step in a checkpoint's name (``model.ckpt-300`` -> 300)."""
+    match = _NAME.match(os.path.basename(os.path.normpath(os.fspath(path))))
+    if match is None:
+        raise ValueError(f"{os.fspath(path)!r} is not a checkpoint name of the form {CHECKPOINT_PREFIX}-<step>")
+    return int(match.group(1))
+
+
+def list_checkpoints(logdir: str | os.PathLike) -> list[str]:
+    """Committed checkpoints in ``logdir``, oldest step first. A missing directory has none."""
+    logdir = os.fspath(logdir)
+    try:
+        names = os.listdir(logdir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        match = _NAME.match(name)
+        if match and os.path.isfile(os.path.join(logdir, name, STATE_FILE)):
+            found.append((int(match.group(1)), os.path.join(logdir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(logdir: str | os.PathLike) -> str | None:
+    """The committed checkpoint with the highest global step in ``logdir``, or ``None``."""
+    checkpoints = list_checkpoints(logdir)
+    return checkpoints[-1] if checkpoints else None
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], seen: dict) -> Any:
+    """Turn a nested state into JSON, moving tensors into ``tensors`` by a path-derived key."""
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": _add_tensor(obj, "/".join(path) or "tensor", tensors, seen)}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and k not in _RESERVED for k in obj):
+            return {k: _encode(v, path + [k], tensors, seen) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, path, tensors, seen), _encode(v, path + [str(k)], tensors, seen)]
+                              for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, path + [str(i)], tensors, seen) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, path + [str(i)], tensors, seen) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(
+        f"cannot checkpoint {'/'.join(path) or 'the state'}: a {type(obj).__name__}. Checkpoints hold "
+        "tensors and JSON values (None, bool, int, float, str, list, tuple, dict) only"
+    )
+
+
+def _add_tensor(t: torch.Tensor, key: str, tensors: dict[str, torch.Tensor], seen: dict) -> str:
+    if t.is_sparse or t.layout != torch.strided:
+        raise TypeError(f"cannot checkpoint {key}: {t.layout} tensors are not supported; convert with .to_dense()")
+    t = t.detach()
+    # Tied weights appear twice in a state_dict: store them once, refer twice.
+    view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+    if view in seen:
+        return seen[view]
+    while key in tensors:
+        key += "+"
+    shares_storage = any(v[0] == view[0] and v[5] == view[5] for v in seen) and t.numel() > 0
+    t = t.to("cpu")
+    tensors[key] = t.clone() if shares_storage else t.contiguous()
+    seen[view] = key
+    return key
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, t in tensors.items()
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+
+
+# ---------------------------------------------------------------- files
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int | None = None,
+         require_finite: bool = True) -> str:
+    """Write ``state`` as a checkpoint at ``path``, atomically.
+
+    Args:
+        state: a nested dict of tensors and JSON values (e.g. state_dicts).
+        path: the checkpoint directory to create; its parent is created if needed.
+            An existing checkpoint at ``path`` is replaced only after the new one is complete.
+        global_step: recorded in the metadata (defaults to the step in ``path``'s name).
+        require_finite: refuse a state with a NaN/Inf floating-point tensor.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        NonFiniteError: a tensor holds NaN or Inf (nothing is written).
+        TypeError: the state holds something that is neither a tensor nor a JSON value.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"`state` must be a dict, got {type(state).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if global_step is None:
+        global_step = step_of(path) if _NAME.match(os.path.basename(path)) else 0
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, [], tensors, {})
+    if require_finite and (bad := _nonfinite(tensors)):
+        raise NonFiniteError(f"refusing to checkpoint a state with NaN/Inf values in: {', '.join(bad)}")
+    data = safetensors.torch.save(tensors)
+    meta = {
+        "format": FORMAT,
+        "global_step": int(global_step),
+        "created": time.time(),
+        "files": {TENSOR_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+        "state": tree,
+    }
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        _write_durably(os.path.join(tmp, TENSOR_FILE), data)
+        _write_durably(os.path.join(tmp, STATE_FILE), json.dumps(meta).encode())
+        _fsync_dir(tmp)
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _commit(tmp: str, path: str) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first, then removed."""
+    parent = os.path.dirname(path)
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rename(path, os.path.join(old, "ckpt"))
+    os.rename(tmp, path)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``state.json`` of a checkpoint (no tensors are read).
+
+    Raises:
+        ValueError: ``path`` is not a checkpoint.
+        CorruptCheckpointError: its ``state.json`` cannot be parsed.
+    """
+    path = os.fspath(path)
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise ValueError(f"{path!r} is not a torchslim checkpoint (no {STATE_FILE} in it)")
+    try:
+        with open(state_file, "rb") as f:
+            meta = json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {STATE_FILE} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {STATE_FILE} is not in format {FORMAT}")
+    return meta
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint back into the nested state that was saved, after checking its checksum.
+
+    Raises:
+        ValueError: ``path`` is not a checkpoint.
+        CorruptCheckpointError: a file is missing, truncated, or fails its checksum.
+    """
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    expected = meta["files"][TENSOR_FILE]
+    try:
+        with open(os.path.join(path, TENSOR_FILE), "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {TENSOR_FILE} is missing") from e
+    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt: {TENSOR_FILE} has {len(data)} bytes and does not match "
+            f"the checksum recorded when it was written ({expected['bytes']} bytes)"
+        )
+    tensors = safetensors.torch.load(data)
+    if str(map_location) != "cpu":
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    return _decode(meta["state"], tensors)
+
+
+# ---------------------------------------------------------------- the saver
+
+
+class Saver:
+    """Saves checkpoints into a logdir and keeps the newest ``max_to_keep`` of them.
+
+    Args:
+        max_to_keep: how many recent checkpoints to keep (``None`` or 0: all).
+        keep_checkpoint_every_n_hours: also keep, for good, one checkpoint per this
+            many hours among those that fall out of the recent window.
+        require_finite: refuse to commit a state holding NaN/Inf.
+    """
+
+    def __init__(self, max_to_keep: int | None = 5, keep_checkpoint_every_n_hours: float | None = None,
+                 require_finite: bool = True) -> None:
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+                                        or max_to_keep < 0):
+            raise ValueError(f"`max_to_keep` must be a non-negative int or None, got {max_to_keep!r}")
+        if keep_checkpoint_every_n_hours is not None and not (
+            isinstance(keep_checkpoint_every_n_hours, (int, float)) and keep_checkpoint_every_n_hours > 0
+        ):
+            raise ValueError(
+                f"`keep_checkpoint_every_n_hours` must be a positive number or None, got {keep_checkpoint_every_n_hours!r}"
+            )
+        self.max_to_keep = max_to_keep or None
+        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
+        self.require_finite = require_finite
+        self._created = time.time()
+        self._preserved: dict[str, set[str]] = {}
+
+    def save(self, state: Mapping[str, Any], logdir: str | os.PathLike, global_step: int) -> str:
+        """Commit ``state`` as ``<logdir>/model.ckpt-<global_step>``, then apply retention."""
+        logdir = os.path.abspath(os.fspath(logdir))
+        preserved = self._preserved_in(logdir)
+        path = save(state, checkpoint_path(logdir, global_step), global_step=global_step,
+                    require_finite=self.require_finite)
+        self._retire_old(logdir, preserved)
+        return path
+
+    def _preserved_in(self, logdir: str) -> set[str]:
+        """On first use of a logdir: clear crash leftovers and adopt old checkpoints kept for good."""
+        if logdir not in self._preserved:
+            for name in os.listdir(logdir) if os.path.isdir(logdir) else []:
+                if name.startswith(f".{CHECKPOINT_PREFIX}-"):
+                    shutil.rmtree(os.path.join(logdir, name), ignore_errors=True)
+            existing = list_checkpoints(logdir)
+            window = self.max_to_keep or len(existing)
+            self._preserved[logdir] = set(existing[: max(0, len(existing) - window)])
+        return self._preserved[logdir]
+
+    def _retire_old(self, logdir: str, preserved: set[str]) -> None:
+        if self.max_to_keep is None:
+            return
+        checkpoints = list_checkpoints(logdir)
+        interval = (self.keep_checkpoint_every_n_hours or 0) * 3600
+        anchor = max((self._created_time(p) for p in preserved), default=self._created)
+        for path in checkpoints[: -self.max_to_keep]:
+            if path in preserved:
+                continue
+            created = self._created_time(path)
+            if interval and created >= anchor + interval:
+                preserved.add(path)
+                anchor = created
+                continue
+            _remove(path)
+
+    @staticmethod
+    def _created_time(path: str) -> float:
+        try:
+            return float(read_metadata(path)["created"])
+        except (ValueError, KeyError):
+            return 0.0
+
+    def restore_latest(self, logdir: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+                       ) -> tuple[str, dict[str, Any]] | None:
+        """Load the newest readable checkpoint in ``logdir``: ``(path, state)``, or ``None`` if there is none.
+
+        A corrupt checkpoint is reported by name in a warning and the one before it is tried.
+        """
+        for path in reversed(list_checkpoints(logdir)):
+            try:
+                return path, load(path, map_location=map_location)
+            except CorruptCheckpointError as e:
+                log.warning("%s; falling back to the checkpoint before it", e)
+        return None
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint so that it is never seen half-deleted: rename it out of view first."""
+    parent, name = os.path.split(path)
+    trash = tempfile.mkdtemp(prefix=f".{name}.del-", dir=parent)
+    try:
+        os.rename(path, os.path.join(trash, name))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A human-readable listing of a checkpoint: metadata, then each tensor's name, dtype and shape.
+
+    ``path`` may also be a logdir, in which case its latest checkpoint is described.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint or logdir at {path!r}")
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path!r} is neither a torchslim checkpoint nor a logdir holding one")
+        path = latest
+    meta = read_metadata(path)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"]))
+    lines = [f"checkpoint: {path}", f"global_step: {meta['global_step']}", f"created: {when}",
+             f"format: {meta['format']}"]
+    lines += [f"  {k} = {v}" for k, v in _leaves(meta["state"], "")]
+    with safetensors.safe_open(os.path.join(path, TENSOR_FILE), framework="pt") as f:
+        names = sorted(f.keys())
+        lines.append(f"tensors ({len(names)}):")
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            sl = f.get_slice(name)
+            lines.append(f"  {name:<{width}}  {sl.get_dtype():<5} {list(sl.get_shape())}")
+    return "\n".join(lines)
+
+
+def _leaves(tree: Any, prefix: str):
+    """The non-tensor values of a decoded state tree, as (dotted path, short text)."""
+    if isinstance(tree, dict) and "__tensor__" not in tree:
+        items = tree.get("__items__") or tree.get("__tuple__") and list(enumerate(tree["__tuple__"])) or tree.items()
+        for k, v in items:
+            yield from _leaves(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(tree, list):
+        if len(tree) > 8:
+            yield prefix, f"<list of {len(tree)}>"
+        else:
+            for i, v in enumerate(tree):
+                yield from _leaves(v, f"{prefix}/{i}")
+    elif not isinstance(tree, dict):
+        yield prefix, (repr(tree) if not isinstance(tree, float) or math.isfinite(tree) else str(tree))

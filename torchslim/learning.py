@@ -1,0 +1,394 @@
+"""Training: build a train op from a loss and an optimizer, and run it as a supervised job.
+
+TF-Slim's workflow, in PyTorch:
+
+>>> import tempfile
+>>> from torchslim import learning, losses
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = torch.nn.Linear(2, 1)
+>>> data = [(torch.randn(16, 2), torch.ones(16)) for _ in range(4)]
+>>> def total_loss(batch):
+...     inputs, labels = batch
+...     losses.sigmoid_cross_entropy(model(inputs).squeeze(1), labels)
+...     return losses.get_total_loss()
+>>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+>>> train_op = learning.create_train_op(total_loss, optimizer)
+>>> logdir = tempfile.mkdtemp()
+>>> final_loss = learning.train(train_op, logdir, data, number_of_steps=20)
+>>> train_op.step, sorted(os.listdir(logdir))
+(20, ['model.ckpt-20'])
+
+Run the same ``train`` call again and it restores ``model.ckpt-20`` and goes on
+from global step 20 (here: nothing left to do).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from torchslim import checkpoint, gradients, policies
+from torchslim._trainop import (
+    NO_BATCH,
+    TrainOp,
+    UpdateOpHandle,
+    find_model_state,
+    registered_update_ops,
+)
+from torchslim._types import GlobalStep, GradientTransform, NonFiniteError, check_callable, check_positive
+from torchslim.supervisor import RunConfig, Supervisor
+
+__all__ = [
+    "GlobalStep",
+    "NonFiniteError",
+    "TrainOp",
+    "clip_gradient_norms",
+    "clip_gradient_norms_fn",
+    "create_train_op",
+    "multiply_gradients",
+    "register_update_op",
+    "train",
+    "train_step",
+]
+
+log = logging.getLogger("torchslim")
+
+clip_gradient_norms = gradients.clip_gradient_norms
+clip_gradient_norms_fn = gradients.clip_gradient_norms_fn
+multiply_gradients = gradients.multiply_gradients
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT: Any = _Default()
+
+
+def register_update_op(model: torch.nn.Module, op: Callable[[], Any]) -> UpdateOpHandle:
+    """Register ``op`` (called with no argument after each optimizer step) as an update op of ``model``.
+
+    Train ops built later for ``model`` with ``update_ops=None`` run it, e.g. an
+    exponential moving average of the weights::
+
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
+        register_update_op(model, lambda: ema.update_parameters(model))
+
+    BatchNorm's running statistics need nothing: PyTorch updates them in the
+    forward pass. Returns a handle whose ``remove()`` unregisters the op.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    check_callable(op, "op")
+    return UpdateOpHandle(model, op)
+
+
+def create_train_op(
+    total_loss: Callable[..., torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    global_step: GlobalStep | None = _DEFAULT,
+    update_ops: Iterable[Callable[[], Any]] | None = None,
+    variables_to_train: Iterable[str | torch.Tensor] | None = None,
+    clip_gradient_norm: float = 0,
+    gradient_multipliers: Mapping[str | torch.Tensor, float] | None = None,
+    check_numerics: bool = True,
+    transform_grads_fn: GradientTransform | None = None,
+    *,
+    model: torch.nn.Module | Mapping[str, torch.nn.Module] | None = None,
+    lr_scheduler: Any = None,
+) -> TrainOp:
+    """Make the op that, each time it is called, computes the loss and applies one gradient step.
+
+    Args:
+        total_loss: a callable returning a scalar loss tensor; it takes the batch,
+            or nothing when it reads its own data. Losses made with
+            :mod:`torchslim.losses` inside it are collected for that call only.
+        optimizer: a ``torch.optim`` optimizer over the model's parameters.
+        global_step: the step counter to increment. Default: a new
+            :class:`GlobalStep` (pass one to share it between ops); ``None``: no counting.
+        update_ops: callables run after each optimizer step. ``None``: those
+            registered with :func:`register_update_op` for the model; ``[]``: none.
+        variables_to_train: parameters, or their names, to train; the others are
+            frozen for this op. Default: every parameter in ``optimizer``.
+        clip_gradient_norm: if > 0, clip each gradient tensor to this L2 norm
+            (per tensor; for a global norm use ``gradients.clip_by_global_norm``).
+        gradient_multipliers: parameter (or name) -> factor for its gradient.
+        check_numerics: raise :class:`NonFiniteError` when the loss is NaN/Inf,
+            naming the step and the first parameter with a non-finite gradient or
+            value. Per step on the CPU; on an accelerator at log/save points, so
+            that no step waits for the device.
+        transform_grads_fn: a function over the list of ``(grad, param)`` pairs,
+            applied after the multipliers and the clipping.
+        model: the module(s) whose state the op owns. Default: found from what
+            ``total_loss`` refers to (its closure, the globals it names, ``self``).
+        lr_scheduler: a ``torch.optim.lr_scheduler`` stepped after every step, and checkpointed.
+
+    Returns:
+        A :class:`TrainOp`; ``train_op(batch)`` performs one step and returns the loss.
+    """
+    check_callable(total_loss, "total_loss")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    state = _model_state(total_loss, optimizer, model)
+    op_names = _names(state)
+    trained = _variables_to_train(variables_to_train, optimizer, op_names)
+    if isinstance(clip_gradient_norm, bool) or not isinstance(clip_gradient_norm, (int, float)) or not clip_gradient_norm >= 0:
+        raise ValueError(f"`clip_gradient_norm` must be a number >= 0 (0: no clipping), got {clip_gradient_norm!r}")
+    if transform_grads_fn is not None:
+        check_callable(transform_grads_fn, "transform_grads_fn")
+    if not isinstance(check_numerics, bool):
+        raise TypeError(f"`check_numerics` must be True or False, got {check_numerics!r}")
+    if lr_scheduler is not None and not (callable(getattr(lr_scheduler, "step", None))
+                                         and callable(getattr(lr_scheduler, "state_dict", None))):
+        raise TypeError(f"`lr_scheduler` must have step() and state_dict(), got {type(lr_scheduler).__name__}")
+    multiply = None
+    if gradient_multipliers is not None:
+        multiply = _multiply_transform(gradient_multipliers, op_names, trained, optimizer)
+    transform = gradients.chain(
+        multiply,
+        gradients.clip_gradient_norms_fn(clip_gradient_norm) if clip_gradient_norm > 0 else None,
+        transform_grads_fn,
+    )
+    modules = [m for m in state.values() if isinstance(m, torch.nn.Module)]
+    return TrainOp(
+        total_loss, optimizer, state=state,
+        global_step=GlobalStep() if global_step is _DEFAULT else _check_global_step(global_step),
+        update_ops=_resolve_update_ops(update_ops, modules),
+        params_to_train=trained, transform=transform, check_numerics=check_numerics, lr_scheduler=lr_scheduler,
+    )
+
+
+def _check_global_step(global_step: object) -> GlobalStep | None:
+    if global_step is not None and not isinstance(global_step, GlobalStep):
+        raise TypeError(f"`global_step` must be a torchslim GlobalStep or None, got {global_step!r}")
+    return global_step
+
+
+def _model_state(total_loss: Callable[..., Any], optimizer: torch.optim.Optimizer,
+                 model: Any) -> dict[str, Any]:
+    if model is None:
+        state = find_model_state(total_loss)
+        how = "found from what `total_loss` refers to"
+    elif isinstance(model, torch.nn.Module):
+        state, how = {"": model}, "given as `model`"
+    elif isinstance(model, Mapping) and model and all(isinstance(m, torch.nn.Module) for m in model.values()):
+        state, how = dict(model), "given as `model`"
+    else:
+        raise TypeError(f"`model` must be a torch.nn.Module or a non-empty dict of name -> Module, got {model!r}")
+    owned = {id(t) for holder in state.values()
+             for t in (holder.parameters() if isinstance(holder, torch.nn.Module) else [holder])}
+    stray = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
+    if stray:
+        raise ValueError(
+            f"the optimizer updates {len(stray)} parameter(s) (shapes {stray[:5]}) that belong to none of the "
+            f"modules {how} ({', '.join(k or '<the model>' for k in state) or 'none'}); "
+            "pass the model explicitly: create_train_op(..., model=my_model)"
+        )
+    return state
+
+
+def _names(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    probe = TrainOp.__new__(TrainOp)
+    probe._state = dict(state)
+    return dict(probe.named_parameters())
+
+
+def _variables_to_train(variables: Any, optimizer: torch.optim.Optimizer,
+                        names: Mapping[str, torch.Tensor]) -> list[torch.Tensor] | None:
+    if variables is None:
+        return None
+    if isinstance(variables, (str, torch.Tensor)) or not isinstance(variables, Iterable):
+        raise TypeError(f"`variables_to_train` must be a list of parameters or names, got {variables!r}")
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    chosen: list[torch.Tensor] = []
+    for v in variables:
+        if isinstance(v, str):
+            if v not in names:
+                raise ValueError(f"`variables_to_train` names {v!r}, which is not a parameter; "
+                                 f"known: {', '.join(names)}")
+            v = names[v]
+        elif not isinstance(v, torch.Tensor):
+            raise TypeError(f"`variables_to_train` entries must be parameters or names, got {v!r}")
+        if id(v) not in in_optimizer:
+            raise ValueError(f"`variables_to_train` holds a parameter of shape {tuple(v.shape)} that the optimizer "
+                             "does not update; add it to the optimizer's param_groups")
+        chosen.append(v)
+    if not chosen:
+        raise ValueError("`variables_to_train` is empty: nothing would be trained")
+    return chosen
+
+
+def _multiply_transform(multipliers: Any, names: Mapping[str, torch.Tensor], trained: list[torch.Tensor] | None,
+                        optimizer: torch.optim.Optimizer) -> GradientTransform:
+    gradients.multiply_gradients([], multipliers, names)  # validates: a dict, not empty, known names, numbers
+    trained_ids = {id(p) for p in (trained or [p for g in optimizer.param_groups for p in g["params"]])}
+    for key in multipliers:
+        param = names[key] if isinstance(key, str) else key
+        if id(param) not in trained_ids:
+            raise ValueError(f"gradient_multipliers has a multiplier for {key if isinstance(key, str) else 'a parameter'}"
+                             ", which this train op does not train, so it has no gradient")
+
+    def multiply(grads_and_vars: list) -> list:
+        return gradients.multiply_gradients(grads_and_vars, multipliers, names)
+
+    return multiply
+
+
+def _resolve_update_ops(update_ops: Any, modules: list[torch.nn.Module]) -> list[Callable[[], Any]]:
+    registered = registered_update_ops(modules)
+    if update_ops is None:
+        return registered
+    if isinstance(update_ops, (str, bytes)) or not isinstance(update_ops, Iterable):
+        raise TypeError(f"`update_ops` must be None, [] or a list of callables, got {update_ops!r}")
+    ops = list(update_ops)
+    for i, op in enumerate(ops):
+        check_callable(op, f"update_ops[{i}]")
+    left_out = [op for op in registered if all(op is not o for o in ops)]
+    if ops and left_out:
+        warnings.warn(f"`update_ops` leaves out {len(left_out)} update op(s) registered for this model; "
+                      "they will not run in this train op", stacklevel=3)
+    return ops
+
+
+def train_step(train_op: TrainOp, batch: Any, train_step_kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, bool]:
+    """Run one step; return ``(loss, should_stop)``. The default ``train_step_fn`` of :func:`train`.
+
+    Logs ``global step N: loss = X (T sec/step)`` every ``log_every_n_steps``
+    steps and stops at ``number_of_steps`` (both from ``train_step_kwargs``).
+    """
+    started = time.perf_counter()
+    loss = train_op() if batch is None else train_op(batch)
+    step = train_op.step
+    if step % train_step_kwargs["log_every_n_steps"] == 0 and log.isEnabledFor(logging.INFO):
+        value = loss.item()  # host sync: on logging steps only
+        log.info("global step %d: loss = %.4f (%.3f sec/step)", step, value, time.perf_counter() - started)
+    target = train_step_kwargs["number_of_steps"]
+    return loss, target is not None and step >= target
+
+
+def train(
+    train_op: TrainOp,
+    logdir: str | os.PathLike | None,
+    data: Iterable[Any] | None = None,
+    *,
+    train_step_fn: Callable[[TrainOp, Any, Mapping[str, Any]], tuple[torch.Tensor, bool]] = train_step,
+    train_step_kwargs: Mapping[str, Any] | None = None,
+    log_every_n_steps: int = 1,
+    number_of_steps: int | None = None,
+    init_fn: Callable[..., Any] | None = None,
+    saver: checkpoint.Saver | None = None,
+    save_interval_secs: float | None = 600,
+    save_interval_steps: int | None = None,
+    progress_bar: bool | None = None,
+) -> float | None:
+    """Run ``train_op`` as a supervised job: restore or init, step, checkpoint, stop, save.
+
+    Args:
+        train_op: from :func:`create_train_op`.
+        logdir: where checkpoints go. If it holds one, training resumes from the
+            newest readable one (a corrupt newest one is reported and skipped).
+            ``None``: no checkpoints (then ``saver`` and ``save_interval_steps`` are errors).
+        data: any iterable of batches, re-iterated each epoch; each batch is passed
+            to the loss function. ``None``: the loss function reads its own data.
+        train_step_fn: ``(train_op, batch, train_step_kwargs) -> (loss, should_stop)``.
+        train_step_kwargs: extra entries for ``train_step_fn``, merged over the
+            defaults (``number_of_steps``, ``log_every_n_steps``, ``logdir``).
+        log_every_n_steps: how often the default step logs its line (through ``logging``, at INFO).
+        number_of_steps: the global step to stop at (absolute: a resumed run only
+            does what is left). ``None``: until the data runs out or a stop signal.
+        init_fn: called on a fresh start only (not on resume), with the train op if
+            it takes an argument; e.g. :func:`torchslim.variables.assign_from_checkpoint_fn`.
+        saver: a :class:`torchslim.checkpoint.Saver` (default: keep the newest 5).
+        save_interval_secs: save every this many seconds (``None``: not by time).
+        save_interval_steps: save every this many global steps (``None``: not by steps).
+        progress_bar: show one (steps, loss, steps/s, ETA). Default: when stderr is a terminal.
+
+    Returns:
+        The last loss as a float, or ``None`` if no step was taken.
+
+    A final checkpoint is saved when the target is reached, the data runs out,
+    or on SIGTERM / Ctrl-C (which are then re-raised); never after an error.
+    """
+    config = _run_config(train_op, logdir, data, train_step_fn, log_every_n_steps, number_of_steps, init_fn,
+                         saver, save_interval_secs, save_interval_steps, progress_bar)
+    kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps, "logdir": config.logdir}
+    kwargs.update(train_step_kwargs or {})
+    loss = None
+    with Supervisor(train_op, data, config) as sv:
+        sv.restore_or_initialize()
+        for batch in sv.batches():
+            loss, should_stop = train_step_fn(train_op, batch, kwargs)
+            if sv.after_step(loss) or should_stop:
+                break
+        sv.finish()
+    return None if loss is None else float(loss)
+
+
+def _run_config(train_op: Any, logdir: Any, data: Any, train_step_fn: Any, log_every_n_steps: Any,
+                number_of_steps: Any, init_fn: Any, saver: Any, save_interval_secs: Any,
+                save_interval_steps: Any, progress_bar: Any) -> RunConfig:
+    """Check every argument of ``train`` before anything is touched; raise on the first bad one."""
+    if not isinstance(train_op, TrainOp):
+        raise TypeError(f"`train_op` must be a TrainOp from create_train_op, got {type(train_op).__name__}")
+    if train_op.global_step is None:
+        raise ValueError("`train_op` does not count steps (global_step=None); train() needs a step counter")
+    if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+        raise TypeError(f"`logdir` must be a path or None, got {logdir!r}")
+    if logdir is None and saver is not None:
+        raise ValueError("`saver` was given but logdir=None: there is nowhere to save; pass a logdir")
+    if logdir is None and save_interval_steps is not None:
+        raise ValueError("`save_interval_steps` was given but logdir=None: there is nowhere to save")
+    if data is not None and not isinstance(data, Iterable):
+        raise TypeError(f"`data` must be an iterable of batches or None, got {type(data).__name__}")
+    check_callable(train_step_fn, "train_step_fn")
+    check_positive(log_every_n_steps, "log_every_n_steps", integer=True)
+    check_positive(number_of_steps, "number_of_steps", integer=True, allow_none=True)
+    check_positive(save_interval_steps, "save_interval_steps", integer=True, allow_none=True)
+    if save_interval_secs is not None and save_interval_secs != 0:
+        check_positive(save_interval_secs, "save_interval_secs")
+    if saver is not None and not isinstance(saver, checkpoint.Saver):
+        raise TypeError(f"`saver` must be a torchslim.checkpoint.Saver, got {type(saver).__name__}")
+    if progress_bar is not None and not isinstance(progress_bar, bool):
+        raise TypeError(f"`progress_bar` must be True, False or None (auto), got {progress_bar!r}")
+    takes_op = _check_init_fn(init_fn)
+    return RunConfig(
+        logdir=None if logdir is None else os.fspath(logdir),
+        number_of_steps=number_of_steps,
+        save_policy=policies.any_of(
+            policies.every_n_secs(save_interval_secs) if save_interval_secs else None,
+            policies.every_n_steps(save_interval_steps) if save_interval_steps else None,
+        ) if logdir is not None else policies.Never(),
+        saver=(saver or checkpoint.Saver()) if logdir is not None else None,
+        init_fn=init_fn,
+        init_fn_takes_train_op=takes_op,
+        progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
+    )
+
+
+def _check_init_fn(init_fn: Any) -> bool:
+    """Whether ``init_fn`` takes the train op (True) or nothing (False)."""
+    if init_fn is None:
+        return False
+    check_callable(init_fn, "init_fn")
+    try:
+        signature = inspect.signature(init_fn)
+    except (TypeError, ValueError):
+        return True
+    for args in ((None,), ()):
+        try:
+            signature.bind(*args)
+            return bool(args)
+        except TypeError:
+            continue
+    raise TypeError(f"`init_fn` must take no argument or one (the train op); its signature is {signature}")

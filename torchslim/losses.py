@@ -1,0 +1,356 @@
+"""Loss functions that also record themselves, and the per-step loss collection.
+
+TF-Slim added every loss to a graph collection and summed it with
+``get_total_loss()``. Here the collection lives in a context that the train op
+opens around each call of the loss function, so losses never leak between
+steps, train ops or threads (it is a ``contextvars`` variable, like autocast's
+state). Outside such a context a loss function simply returns its value.
+
+The seed's workflow, inside the function given to ``create_train_op``:
+
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Sigmoid())
+>>> def total_loss(batch):
+...     images, labels = batch
+...     log_loss(model(images).squeeze(1), labels)
+...     return get_total_loss()
+>>> with collect_losses():
+...     loss = total_loss((torch.randn(8, 4), torch.ones(8)))
+>>> loss.shape
+torch.Size([])
+"""
+
+from __future__ import annotations
+
+import contextvars
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOSSES",
+    "REGULARIZATION_LOSSES",
+    "LossCollection",
+    "absolute_difference",
+    "add_loss",
+    "collect_losses",
+    "compute_weighted_loss",
+    "get_losses",
+    "get_regularization_loss",
+    "get_regularization_losses",
+    "get_total_loss",
+    "hinge_loss",
+    "l2_regularization_loss",
+    "log_loss",
+    "mean_squared_error",
+    "sigmoid_cross_entropy",
+    "softmax_cross_entropy",
+    "sparse_softmax_cross_entropy",
+]
+
+LOSSES = "losses"
+REGULARIZATION_LOSSES = "regularization_losses"
+
+
+class LossCollection:
+    """The losses added during one step, by collection name."""
+
+    __slots__ = ("losses", "regularization_losses")
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.regularization_losses: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, loss_collection: str = LOSSES) -> None:
+        if loss_collection == LOSSES:
+            self.losses.append(loss)
+        elif loss_collection == REGULARIZATION_LOSSES:
+            self.regularization_losses.append(loss)
+        else:
+            raise ValueError(
+                f"`loss_collection` must be {LOSSES!r}, {REGULARIZATION_LOSSES!r} or None, got {loss_collection!r}"
+            )
+
+
+_current: contextvars.ContextVar[LossCollection | None] = contextvars.ContextVar(
+    "torchslim_losses", default=None
+)
+
+
+class collect_losses:
+    """Open a fresh loss collection for the code inside (train ops do this each step).
+
+    A class rather than a generator so that entering it costs well under a microsecond.
+    """
+
+    __slots__ = ("_token", "collection")
+
+    def __enter__(self) -> LossCollection:
+        self.collection = LossCollection()
+        self._token = _current.set(self.collection)
+        return self.collection
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)
+
+
+def _collection(caller: str) -> LossCollection:
+    collection = _current.get()
+    if collection is None:
+        raise RuntimeError(
+            f"{caller}() found no loss collection: call it inside the loss function given to "
+            "create_train_op, or inside `with torchslim.losses.collect_losses():`"
+        )
+    return collection
+
+
+def add_loss(loss: torch.Tensor, loss_collection: str | None = LOSSES) -> None:
+    """Add ``loss`` to the current step's collection (``None``: add it nowhere).
+
+    Outside a collection context this does nothing, so loss functions stay usable
+    on their own.
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"`loss` must be a tensor, got {type(loss).__name__}")
+    collection = _current.get()
+    if collection is not None and loss_collection is not None:
+        collection.add(loss, loss_collection)
+
+
+def get_losses(loss_collection: str = LOSSES) -> list[torch.Tensor]:
+    """The losses added so far in this step (a copy of the list)."""
+    collection = _collection("get_losses")
+    if loss_collection == REGULARIZATION_LOSSES:
+        return list(collection.regularization_losses)
+    if loss_collection != LOSSES:
+        raise ValueError(f"`loss_collection` must be {LOSSES!r} or {REGULARIZATION_LOSSES!r}, got {loss_collection!r}")
+    return list(collection.losses)
+
+
+def get_regularization_losses() -> list[torch.Tensor]:
+    """The regularization losses added so far in this step."""
+    return get_losses(REGULARIZATION_LOSSES)
+
+
+def get_regularization_loss() -> torch.Tensor | None:
+    """The sum of this step's regularization losses, or ``None`` when there are none."""
+    regs = get_regularization_losses()
+    return _sum(regs) if regs else None
+
+
+def get_total_loss(add_regularization_losses: bool = True) -> torch.Tensor:
+    """Sum of this step's losses, plus its regularization losses unless told not to.
+
+    Raises:
+        ValueError: no loss has been added in this step.
+    """
+    collection = _collection("get_total_loss")
+    losses = list(collection.losses)
+    if add_regularization_losses:
+        losses += collection.regularization_losses
+    if not losses:
+        raise ValueError(
+            "get_total_loss() found no losses in this step: add one with a torchslim.losses "
+            "function (e.g. log_loss) or add_loss() before calling it"
+        )
+    return _sum(losses)
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+def compute_weighted_loss(
+    losses: torch.Tensor, weights: float | torch.Tensor = 1.0, loss_collection: str | None = LOSSES
+) -> torch.Tensor:
+    """Weighted mean of ``losses``: ``sum(losses * weights) / (number of non-zero weights)``.
+
+    ``weights`` is a number or a tensor that broadcasts to ``losses`` (e.g. one
+    weight per example). The result is added to ``loss_collection``.
+
+    >>> compute_weighted_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0]))
+    tensor(1.)
+    """
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"`losses` must be a tensor, got {type(losses).__name__}")
+    if isinstance(weights, torch.Tensor):
+        weights = weights.to(losses.dtype)
+        try:
+            weighted = losses * weights
+        except RuntimeError as e:
+            raise ValueError(
+                f"`weights` of shape {tuple(weights.shape)} does not broadcast to the losses' shape "
+                f"{tuple(losses.shape)}"
+            ) from e
+        present = torch.broadcast_to(weights != 0, weighted.shape).sum()
+        loss = weighted.sum() / present.clamp(min=1)
+    elif isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        loss = losses.mean() * weights if weights != 0 else losses.sum() * 0.0
+    else:
+        raise TypeError(f"`weights` must be a number or a tensor, got {type(weights).__name__}")
+    add_loss(loss, loss_collection)
+    return loss
+
+
+def _check_same_shape(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"`{a_name}` has shape {tuple(a.shape)} but `{b_name}` has shape {tuple(b.shape)}")
+
+
+def log_loss(
+    predictions: torch.Tensor,
+    labels: torch.Tensor,
+    weights: float | torch.Tensor = 1.0,
+    epsilon: float = 1e-7,
+    loss_collection: str | None = LOSSES,
+) -> torch.Tensor:
+    """Binary log loss of probabilities ``predictions`` against 0/1 ``labels``.
+
+    >>> log_loss(torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0]))
+    tensor(0.1054)
+    """
+    _check_same_shape(predictions, labels, "predictions", "labels")
+    labels = labels.to(predictions.dtype)
+    losses = -labels * torch.log(predictions + epsilon) - (1 - labels) * torch.log(1 - predictions + epsilon)
+    return compute_weighted_loss(losses, weights, loss_collection)
+
+
+def softmax_cross_entropy(
+    logits: torch.Tensor,
+    onehot_labels: torch.Tensor,
+    weights: float | torch.Tensor = 1.0,
+    label_smoothing: float = 0.0,
+    loss_collection: str | None = LOSSES,
+) -> torch.Tensor:
+    """Softmax cross-entropy of ``logits`` [batch, classes] against one-hot (or soft) labels.
+
+    With ``label_smoothing`` s, labels become ``labels * (1 - s) + s / classes``.
+    ``weights`` is a number or one weight per example.
+
+    >>> softmax_cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    tensor(0.6931)
+    """
+    _check_same_shape(logits, onehot_labels, "logits", "onehot_labels")
+    _check_smoothing(label_smoothing)
+    labels = onehot_labels.to(logits.dtype)
+    if label_smoothing:
+        labels = labels * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+    losses = -(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return compute_weighted_loss(losses, weights, loss_collection)
+
+
+def sparse_softmax_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: float | torch.Tensor = 1.0,
+    label_smoothing: float = 0.0,
+    loss_collection: str | None = LOSSES,
+) -> torch.Tensor:
+    """Softmax cross-entropy against integer class ``labels`` [batch], as PyTorch users hold them.
+
+    >>> sparse_softmax_cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))
+    tensor(0.6931)
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"`labels` must have shape {tuple(logits.shape[:-1])} (logits without the class axis), "
+            f"got {tuple(labels.shape)}"
+        )
+    _check_smoothing(label_smoothing)
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", label_smoothing=label_smoothing
+    ).reshape(labels.shape)
+    return compute_weighted_loss(losses, weights, loss_collection)
+
+
+def sigmoid_cross_entropy(
+    logits: torch.Tensor,
+    multi_class_labels: torch.Tensor,
+    weights: float | torch.Tensor = 1.0,
+    label_smoothing: float = 0.0,
+    loss_collection: str | None = LOSSES,
+) -> torch.Tensor:
+    """Sigmoid cross-entropy of ``logits`` against 0/1 labels of the same shape.
+
+    With ``label_smoothing`` s, labels become ``labels * (1 - s) + s / 2``.
+
+    >>> sigmoid_cross_entropy(torch.tensor([0.0]), torch.tensor([1.0]))
+    tensor(0.6931)
+    """
+    _check_same_shape(logits, multi_class_labels, "logits", "multi_class_labels")
+    _check_smoothing(label_smoothing)
+    labels = multi_class_labels.to(logits.dtype)
+    if label_smoothing:
+        labels = labels * (1 - label_smoothing) + 0.5 * label_smoothing
+    losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return compute_weighted_loss(losses, weights, loss_collection)
+
+
+def mean_squared_error(
+    predictions: torch.Tensor,
+    labels: torch.Tensor,
+    weights: float | torch.Tensor = 1.0,
+    loss_collection: str | None = LOSSES,
+) -> torch.Tensor:
+    """Weighted mean of ``(predictions - labels) ** 2``.
+
+    >>> mean_squared_error(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
+    tensor(2.5000)
+    """
+    _check_same_shape(predictions, labels, "predictions", "labels")
+    return compute_weighted_loss((predictions - labels.to(predictions.dtype)) ** 2, weights, loss_collection)
+
+
+def absolute_difference(
+    predictions: torch.Tensor,
+    labels: torch.Tensor,
+    weights: float | torch.Tensor = 1.0,
+    loss_collection: str | None = LOSSES,
+) -> torch.Tensor:
+    """Weighted mean of ``|predictions - labels|``.
+
+    >>> absolute_difference(torch.tensor([1.0, -2.0]), torch.tensor([0.0, 0.0]))
+    tensor(1.5000)
+    """
+    _check_same_shape(predictions, labels, "predictions", "labels")
+    return compute_weighted_loss((predictions - labels.to(predictions.dtype)).abs(), weights, loss_collection)
+
+
+def hinge_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: float | torch.Tensor = 1.0,
+    loss_collection: str | None = LOSSES,
+) -> torch.Tensor:
+    """Hinge loss ``max(0, 1 - y * logits)`` with 0/1 ``labels`` mapped to y = -1/+1.
+
+    >>> hinge_loss(torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.0]))
+    tensor(0.7500)
+    """
+    _check_same_shape(logits, labels, "logits", "labels")
+    signs = 2 * labels.to(logits.dtype) - 1
+    return compute_weighted_loss(F.relu(1 - signs * logits), weights, loss_collection)
+
+
+def l2_regularization_loss(params, scale: float) -> torch.Tensor:
+    """``scale * sum(||p||^2) / 2`` over ``params``, added as a regularization loss (TF's ``l2_regularizer``).
+
+    >>> with collect_losses():
+    ...     _ = l2_regularization_loss([torch.ones(2)], scale=0.1)
+    ...     get_regularization_losses()
+    [tensor(0.1000)]
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+        raise ValueError(f"`scale` must be a non-negative number, got {scale!r}")
+    params = list(params)
+    if not params:
+        raise ValueError("`params` is empty")
+    loss = scale * 0.5 * _sum([p.pow(2).sum() for p in params])
+    add_loss(loss, REGULARIZATION_LOSSES)
+    return loss
+
+
+def _check_smoothing(label_smoothing: float) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 1:
+        raise ValueError(f"`label_smoothing` must be a number in [0, 1], got {label_smoothing!r}")

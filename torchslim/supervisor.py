@@ -1,0 +1,293 @@
+"""A training run's lifecycle: restore or initialize, feed data, save on a policy, stop cleanly.
+
+``learning.train`` is a short loop over :meth:`Supervisor.batches`; everything
+around the step lives here:
+
+* **restore or initialize**: the newest readable checkpoint in ``logdir`` is
+  restored (model, optimizer, LR scheduler, global step, RNG states, data
+  position); without one, ``init_fn`` runs (a warm start).
+* **data**: any iterable, re-iterated each epoch. The position (epoch, batches
+  taken in it, and the RNG states at the epoch's start) is checkpointed, so a
+  resume replays the same shuffle order and skips what was consumed. A
+  ``DataLoader`` with ``num_workers=0`` over a map-style dataset skips by
+  index, without loading; other iterables skip by drawing batches. Data with its
+  own ``state_dict``/``load_state_dict`` (torchdata's ``StatefulDataLoader``)
+  is restored through those instead.
+* **stop**: at the target step, when the data runs out, on SIGTERM or on the
+  first Ctrl-C (a second Ctrl-C interrupts at once, without saving). A final
+  checkpoint is written in each of these cases; never after an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils.data
+
+from torchslim import checkpoint
+from torchslim._types import Policy
+
+log = logging.getLogger("torchslim")
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states: torch (CPU and initialized CUDA devices), Python's ``random``, NumPy's."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set the global RNG states that :func:`capture_rng` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and "numpy" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, gauss))
+
+
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """Generators a DataLoader draws its shuffle order and worker seeds from, besides the global one."""
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return []
+    found = [getattr(data, "generator", None), getattr(data.sampler, "generator", None)]
+    batch_sampler = getattr(data, "batch_sampler", None)
+    if batch_sampler is not None:
+        found.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
+    unique: list[torch.Generator] = []
+    for g in found:
+        if isinstance(g, torch.Generator) and all(g is not u for u in unique):
+            unique.append(g)
+    return unique
+
+
+# ---------------------------------------------------------------- data
+
+
+class DataStream:
+    """Iterates ``data`` epoch after epoch and knows its position, for exact resume."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.epoch = 0
+        self.batch = 0  # batches handed out in the current epoch
+        self._epoch_rng: dict[str, Any] | None = None
+        self._resume: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+        self._stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch}
+        if self._stateful:
+            state["loader"] = self.data.state_dict()
+        elif self._epoch_rng is not None:
+            state["epoch_rng"] = self._epoch_rng
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], rng_after: dict[str, Any] | None = None) -> None:
+        """Resume at ``state``; ``rng_after`` (the checkpoint's RNG states) is set once the skip is done."""
+        self._resume = (state, rng_after)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.data is None:
+            while True:
+                yield None
+        while True:
+            it = self._start_epoch()
+            yielded = self.batch > 0
+            for batch in it:
+                self.batch += 1
+                yielded = True
+                yield batch
+            if not yielded or isinstance(self.data, Iterator):
+                return  # an empty epoch or a one-shot iterator: the data has run out
+            self.epoch += 1
+            self.batch = 0
+
+    def _start_epoch(self) -> Iterator[Any]:
+        if self._resume is None:
+            self._epoch_rng = self._capture()
+            return iter(self.data)
+        (state, rng_after), self._resume = self._resume, None
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        if "loader" in state:
+            self.data.load_state_dict(state["loader"])
+            it = iter(self.data)
+        else:
+            self._epoch_rng = state.get("epoch_rng")
+            if self._epoch_rng is not None:
+                self._restore(self._epoch_rng)
+            it = iter(self.data)
+            self._skip(it, self.batch)
+        if rng_after is not None:
+            restore_rng(rng_after)
+        return it
+
+    def _capture(self) -> dict[str, Any]:
+        return {"global": capture_rng(), "loader": [g.get_state() for g in _loader_generators(self.data)]}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        restore_rng(state["global"])
+        for g, s in zip(_loader_generators(self.data), state["loader"]):
+            g.set_state(s)
+
+    def _skip(self, it: Iterator[Any], n: int) -> None:
+        sampler_iter = getattr(it, "_sampler_iter", None)
+        dataset = getattr(self.data, "dataset", None)
+        if (type(it).__name__ == "_SingleProcessDataLoaderIter" and sampler_iter is not None
+                and not isinstance(dataset, torch.utils.data.IterableDataset)):
+            for _ in range(n):  # advance the index sampler only: no sample is loaded
+                next(sampler_iter)
+            it._num_yielded += n  # type: ignore[attr-defined]
+            return
+        for _ in range(n):
+            next(it)
+
+
+# ---------------------------------------------------------------- the supervisor
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What ``train`` decided from its arguments (validated there)."""
+
+    logdir: str | None
+    number_of_steps: int | None
+    save_policy: Policy
+    saver: checkpoint.Saver | None
+    init_fn: Callable[..., Any] | None
+    init_fn_takes_train_op: bool
+    progress_bar: bool
+
+
+class Supervisor:
+    """Owns one run of a train op: restore-or-init, services after each step, signals, final save."""
+
+    def __init__(self, train_op: Any, data: Any, config: RunConfig) -> None:
+        self.train_op = train_op
+        self.config = config
+        self.stream = DataStream(data)
+        self.stop_signal: int | None = None
+        self._last_saved_step: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._bar: Any = None
+
+    # ------------------------------------------------------------ start
+
+    def __enter__(self) -> Supervisor:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+        if self._bar is not None:
+            self._bar.close()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now, no final save
+        self.stop_signal = signum
+        log.warning("Received %s: stopping after this step and saving a final checkpoint",
+                    signal.Signals(signum).name)
+
+    def restore_or_initialize(self) -> None:
+        restored = None
+        if self.config.logdir is not None and self.config.saver is not None:
+            restored = self.config.saver.restore_latest(self.config.logdir)
+        if restored is not None:
+            path, state = restored
+            self.train_op.load_state_dict(state)
+            self.stream.load_state_dict(state.get("data", {"epoch": 0, "batch": 0}), state.get("rng"))
+            self._last_saved_step = self.train_op.step
+            log.info("Restored %s (global step %d)", path, self.train_op.step)
+        elif self.config.init_fn is not None:
+            log.info("No checkpoint in %s: starting fresh and running init_fn", self.config.logdir)
+            if self.config.init_fn_takes_train_op:
+                self.config.init_fn(self.train_op)
+            else:
+                self.config.init_fn()
+        self._start_progress_bar()
+
+    def _start_progress_bar(self) -> None:
+        if self.config.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.config.number_of_steps, initial=self.train_op.step, unit="step",
+                             dynamic_ncols=True, file=sys.stderr)
+
+    # ------------------------------------------------------------ each step
+
+    def target_reached(self) -> bool:
+        n = self.config.number_of_steps
+        return n is not None and self.train_op.step >= n
+
+    def batches(self) -> Iterator[Any]:
+        """The data, batch by batch, until it runs out (nothing at all if the target is already reached)."""
+        if self.target_reached():
+            log.info("Global step %d already reaches number_of_steps=%d: nothing to train",
+                     self.train_op.step, self.config.number_of_steps)
+            return iter(())
+        return iter(self.stream)
+
+    def after_step(self, loss: torch.Tensor) -> bool:
+        """Run the services that are due; return True when the run must stop."""
+        step = self.train_op.step
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if step % 10 == 0:
+                self._bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # host sync, every 10 steps
+        if self.config.save_policy.should_trigger(step):
+            self.save()
+        return self.stop_signal is not None
+
+    def save(self) -> None:
+        """Commit a checkpoint of the whole run at the current global step (chief only, when a logdir is set)."""
+        self.train_op.flush_numerics_check()
+        if self.config.logdir is None or self.config.saver is None:
+            return
+        step = self.train_op.step
+        state = self.train_op.state_dict()
+        state["data"] = self.stream.state_dict()
+        state["rng"] = capture_rng()
+        started = time.monotonic()
+        path = self.config.saver.save(state, self.config.logdir, step)
+        self._last_saved_step = step
+        log.info("Saved %s in %.2f s", path, time.monotonic() - started)
+
+    # ------------------------------------------------------------ end
+
+    def finish(self) -> None:
+        """The final checkpoint (unless the current step is already saved), then re-deliver a stop signal."""
+        if self._last_saved_step != self.train_op.step:
+            self.save()
+        else:
+            self.train_op.flush_numerics_check()
+        if self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.stop_signal == signal.SIGTERM:
+            self.__exit__(None, None, None)  # restore the previous handler, then deliver SIGTERM to it
+            signal.raise_signal(signal.SIGTERM)
