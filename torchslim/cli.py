@@ -4,6 +4,8 @@ Subcommands:
 
 * ``torchslim demo``: train a small CNN on scikit-learn's digits (the main job).
 * ``torchslim inspect PATH``: print a checkpoint's tensors and metadata.
+* ``torchslim analyze MODULE:FACTORY --input-shape 1,3,224,224``: print a model's
+  variables, the ops of one forward pass, and parameters and FLOPs per module.
 
 Each subcommand is a ``_add_<name>(subparsers)`` function that registers its
 parser and sets ``run``; ``main`` only dispatches. The CLI uses the public API
@@ -56,10 +58,87 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="print a model's variables, the ops of one forward pass, and FLOPs per module",
+        description="Build a model by calling FACTORY from MODULE (an importable module path, looked "
+        "up from the current directory too, or a .py file), run one forward pass on random inputs of the "
+        "given shapes, and print its variables, every op it ran, and a per-module table of parameters, "
+        "output elements and FLOPs.",
+    )
+
+    def shape(text: str) -> tuple[int, ...]:
+        try:
+            dims = tuple(int(d) for d in text.split(","))
+        except ValueError:
+            dims = (-1,)
+        if min(dims) < 0:
+            raise argparse.ArgumentTypeError(f"expected non-negative integers separated by commas, got {text!r}")
+        return dims
+
+    p.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. mypkg.models:resnet50 or models.py:make_model")
+    p.add_argument("--input-shape", type=shape, action="append", required=True, metavar="N,C,H,W",
+                   help="shape of one forward input; repeat it for a forward that takes several")
+    p.add_argument("--dtype", action="append", metavar="DTYPE",
+                   help="torch dtype of the inputs, once for all or once per input (default: float32)")
+    p.add_argument("--train-mode", action="store_true", help="analyze in training mode (default: eval mode)")
+
+    def load_module(name: str):  # noqa: ANN202 - a module object
+        import importlib
+        import importlib.util
+        import os
+
+        if name.endswith(".py"):
+            if not os.path.isfile(name):
+                raise FileNotFoundError(f"MODULE {name!r} is not a file")
+            spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        if os.getcwd() not in sys.path:  # as `python -m` would, so that ./models.py is found
+            sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ValueError(f"MODULE {name!r} cannot be imported: {e}") from e
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from torchslim import model_analyzer
+
+        module_name, _, factory_name = args.factory.rpartition(":")
+        if not module_name or not factory_name:
+            raise ValueError(f"MODULE:FACTORY must name a module and a callable in it, e.g. 'pkg.models:make', "
+                             f"got {args.factory!r}")
+        factory = getattr(load_module(module_name), factory_name, None)
+        if not callable(factory):
+            raise ValueError(f"FACTORY {factory_name!r} is not a callable in {module_name!r}, got {factory!r:.80}")
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"FACTORY {factory_name!r} must return a torch.nn.Module, got {type(model).__name__}")
+        shapes, names = args.input_shape, args.dtype or ["float32"]
+        dtypes = [getattr(torch, n, None) for n in (names * len(shapes) if len(names) == 1 else names)]
+        if len(dtypes) != len(shapes) or not all(isinstance(d, torch.dtype) for d in dtypes):
+            raise ValueError(f"--dtype takes torch dtype names (float32, bfloat16, int64, ...), once or once per "
+                             f"--input-shape ({len(shapes)} given), got {names}")
+        gen = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(s, dtype=d, generator=gen) if d.is_floating_point or d.is_complex
+                  else torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
+        model.train(args.train_mode)
+        model_analyzer.analyze_vars(model, print_info=True, include_buffers=True)
+        report = model_analyzer.profile_ops(model, *inputs)
+        print(report.listing(), report.table(), sep="\n\n")
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchslim", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_inspect):
+    for add in (_add_demo, _add_inspect, _add_analyze):
         add(subparsers)
     args = parser.parse_args(argv)
     try:
