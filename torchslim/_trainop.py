@@ -82,14 +82,32 @@ def find_model_state(total_loss: Callable[..., Any]) -> dict[str, torch.nn.Modul
         consider(k, v)
     fn = getattr(fn, "func", fn)
     if inspect.isfunction(fn):
-        refs = inspect.getclosurevars(fn)
-        for k, v in {**refs.globals, **refs.nonlocals}.items():
+        for k, v in _referenced_names(fn).items():
             consider(k, v)
     modules = [m for m in found.values() if isinstance(m, torch.nn.Module)]
     inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
     params_of_modules = {id(p) for m in modules for p in m.parameters()}
     return {k: v for k, v in found.items()
             if id(v) not in inner and not (isinstance(v, torch.Tensor) and id(v) in params_of_modules)}
+
+
+def _referenced_names(fn: Any) -> dict[str, Any]:
+    """Closure variables (skipping cells not yet filled) and the globals named in ``fn``'s code."""
+    code = fn.__code__
+    found = {}
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            found[name] = cell.cell_contents
+        except ValueError:  # a cell assigned after the function was made, e.g. `op = create_train_op(f)`
+            continue
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        codes += [k for k in c.co_consts if inspect.iscode(k)]
+        for name in c.co_names:
+            if name in fn.__globals__:
+                found.setdefault(name, fn.__globals__[name])
+    return found
 
 
 class TrainOp:

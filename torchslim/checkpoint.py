@@ -413,7 +413,7 @@ def describe(path: str | os.PathLike) -> str:
     meta = read_metadata(path)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"]))
     lines = [f"checkpoint: {path}", f"global_step: {meta['global_step']}", f"created: {when}",
-             f"format: {meta['format']}"]
+             f"format: {meta['format']}", "values:"]
     lines += [f"  {k} = {v}" for k, v in _leaves(meta["state"], "")]
     with safetensors.safe_open(os.path.join(path, TENSOR_FILE), framework="pt") as f:
         names = sorted(f.keys())
@@ -426,16 +426,20 @@ def describe(path: str | os.PathLike) -> str:
 
 
 def _leaves(tree: Any, prefix: str):
-    """The non-tensor values of a decoded state tree, as (dotted path, short text)."""
-    if isinstance(tree, dict) and "__tensor__" not in tree:
-        items = tree.get("__items__") or tree.get("__tuple__") and list(enumerate(tree["__tuple__"])) or tree.items()
-        for k, v in items:
+    """The non-tensor values of a stored state tree, as (slash path, short text); long lists are summarized."""
+    if isinstance(tree, dict) and "__tuple__" in tree:
+        tree = tree["__tuple__"]
+    if isinstance(tree, dict) and "__items__" in tree:
+        tree = {str(k): v for k, v in tree["__items__"]}
+    if isinstance(tree, dict) and "__tensor__" in tree:
+        return
+    if isinstance(tree, dict):
+        for k, v in tree.items():
             yield from _leaves(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(tree, list) and len(tree) > 8:
+        yield prefix, f"<list of {len(tree)}>"
     elif isinstance(tree, list):
-        if len(tree) > 8:
-            yield prefix, f"<list of {len(tree)}>"
-        else:
-            for i, v in enumerate(tree):
-                yield from _leaves(v, f"{prefix}/{i}")
-    elif not isinstance(tree, dict):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f"{prefix}/{i}")
+    else:
         yield prefix, (repr(tree) if not isinstance(tree, float) or math.isfinite(tree) else str(tree))

@@ -130,8 +130,10 @@ def create_train_op(
             that no step waits for the device.
         transform_grads_fn: a function over the list of ``(grad, param)`` pairs,
             applied after the multipliers and the clipping.
-        model: the module(s) whose state the op owns. Default: found from what
-            ``total_loss`` refers to (its closure, the globals it names, ``self``).
+        model: the module, or a dict of name -> module or tensor, whose state the op
+            owns and checkpoints (include an EMA copy here to have it saved). Default:
+            found from what ``total_loss`` refers to (its closure, the globals it
+            names, ``self``, a partial's arguments).
         lr_scheduler: a ``torch.optim.lr_scheduler`` stepped after every step, and checkpointed.
 
     Returns:
@@ -182,10 +184,12 @@ def _model_state(total_loss: Callable[..., Any], optimizer: torch.optim.Optimize
         how = "found from what `total_loss` refers to"
     elif isinstance(model, torch.nn.Module):
         state, how = {"": model}, "given as `model`"
-    elif isinstance(model, Mapping) and model and all(isinstance(m, torch.nn.Module) for m in model.values()):
+    elif isinstance(model, Mapping) and model and all(
+            isinstance(k, str) and isinstance(m, (torch.nn.Module, torch.Tensor)) for k, m in model.items()):
         state, how = dict(model), "given as `model`"
     else:
-        raise TypeError(f"`model` must be a torch.nn.Module or a non-empty dict of name -> Module, got {model!r}")
+        raise TypeError("`model` must be a torch.nn.Module or a non-empty dict of name -> Module (or tensor), "
+                        f"got {model!r}")
     owned = {id(t) for holder in state.values()
              for t in (holder.parameters() if isinstance(holder, torch.nn.Module) else [holder])}
     stray = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]

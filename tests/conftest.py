@@ -1,0 +1,48 @@
+"""Shared fixtures: the tests' small logistic problem, as in TF-Slim's learning tests."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from torchslim import losses
+
+
+def logistic_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linearly separable points in 4-d with 0/1 labels."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 4, generator=g)
+    labels = (inputs @ torch.tensor([1.0, -2.0, 0.5, 1.5]) > 0).float()
+    return inputs, labels
+
+
+def batches(n_batches: int = 8, batch_size: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    inputs, labels = logistic_data(n_batches * batch_size, seed)
+    return [(inputs[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
+
+
+class Logistic:
+    """A model, an optimizer and a loss function over (inputs, labels) batches."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.5) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Linear(4, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
+
+    def loss(self, batch):
+        inputs, labels = batch
+        losses.sigmoid_cross_entropy(self.model(inputs).squeeze(1), labels)
+        return losses.get_total_loss()
+
+
+@pytest.fixture
+def problem() -> Logistic:
+    return Logistic()
+
+
+@pytest.fixture
+def info_logs(caplog):
+    caplog.set_level(logging.INFO, logger="torchslim")
+    return caplog

@@ -1,0 +1,289 @@
+"""The run's lifecycle across processes: exact resume after kill -9, signals, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchslim import checkpoint
+from torchslim.supervisor import DataStream
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A deterministic run: a DataLoader shuffling a map-style dataset, dropout, and
+# Python/NumPy randomness in the loss, so that every RNG the resume must restore matters.
+TRAINER = textwrap.dedent('''
+    import os, random, signal, sys
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchslim import checkpoint, learning, losses
+
+    logdir, target = sys.argv[1], int(sys.argv[2])
+    die_at = int(sys.argv[3]) if len(sys.argv) > 3 else -1
+    mark_at = int(sys.argv[4]) if len(sys.argv) > 4 else -1
+    torch.manual_seed(0); random.seed(0); np.random.seed(0)
+    torch.use_deterministic_algorithms(True)
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randn(200, 8, generator=g)
+    labels = torch.randint(0, 3, (200,), generator=g)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=16, shuffle=True)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.9)
+
+    def total_loss(batch):
+        if op.step == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if op.step == mark_at:
+            open(logdir + ".mark", "w").close()
+        x, y = batch
+        noise = float(np.random.rand()) * 1e-3 + random.random() * 1e-3
+        losses.sparse_softmax_cross_entropy(model(x + noise), y)
+        return losses.get_total_loss()
+
+    op = learning.create_train_op(total_loss, optimizer, lr_scheduler=scheduler)
+    learning.train(op, logdir, loader, number_of_steps=target if target > 0 else None,
+                   save_interval_steps=int(os.environ.get("SAVE_EVERY", "20")), progress_bar=False)
+''')
+
+
+def run_trainer(tmp_path: Path, *args: object, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                            env=full_env, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def final_state(logdir: Path) -> dict:
+    return checkpoint.load(checkpoint.latest_checkpoint(logdir))
+
+
+def assert_bitwise_equal(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_exact_resume_across_kill_9_is_bitwise_identical(tmp_path):
+    # 2N = 60 steps in one run, against 20 + 40 steps across a kill -9 at step 27
+    # (after the checkpoint at 20, mid-epoch: 13 batches per epoch).
+    run_trainer(tmp_path, tmp_path / "once", 60)
+    killed = run_trainer(tmp_path, tmp_path / "twice", 60, 27, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path / "twice")) == 20
+    run_trainer(tmp_path, tmp_path / "twice", 60)
+    once, twice = final_state(tmp_path / "once"), final_state(tmp_path / "twice")
+    assert once["global_step"] == twice["global_step"] == 60
+    for part in ("model", "optimizer", "lr_scheduler", "data"):
+        assert_bitwise_equal(once[part], twice[part], part)
+
+
+def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
+    logdir = tmp_path / "run"
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAVE_EVERY": "1000000"}
+    proc = subprocess.Popen([sys.executable, str(script), str(logdir), "0", "-1", "15"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not Path(str(logdir) + ".mark").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "trainer never reached step 15"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert "Received SIGTERM" in err
+    latest = checkpoint.latest_checkpoint(logdir)
+    step = checkpoint.step_of(latest)
+    assert step >= 15 and checkpoint.load(latest)["global_step"] == step
+
+
+def test_ctrl_c_saves_then_raises_keyboard_interrupt(tmp_path):
+    logdir = tmp_path / "run"
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAVE_EVERY": "1000000"}
+    proc = subprocess.Popen([sys.executable, str(script), str(logdir), "0", "-1", "5"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not Path(str(logdir) + ".mark").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(logdir)) >= 5
+
+
+def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
+    logdir = tmp_path / "run"
+    run_trainer(tmp_path, logdir, 40)  # checkpoints at 20 and 40
+    tensors = Path(checkpoint.latest_checkpoint(logdir)) / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="model.ckpt-40 is corrupt"):
+        checkpoint.load(checkpoint.latest_checkpoint(logdir))
+    result = run_trainer(tmp_path, logdir, 45)
+    assert "model.ckpt-40 is corrupt" in result.stderr
+    assert final_state(logdir)["global_step"] == 45
+    # Resumed from 20, not from the corrupt 40: the data position says 25 steps were taken since.
+    assert final_state(logdir)["data"]["epoch"] * 13 + final_state(logdir)["data"]["batch"] == 45
+
+
+def test_a_truncated_latest_checkpoint_falls_back(tmp_path):
+    logdir = tmp_path / "run"
+    run_trainer(tmp_path, logdir, 40)
+    tensors = Path(checkpoint.latest_checkpoint(logdir)) / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    result = run_trainer(tmp_path, logdir, 41)
+    assert "corrupt" in result.stderr
+    assert final_state(logdir)["global_step"] == 41
+
+
+KILL_DURING_SAVE = textwrap.dedent('''
+    import os, signal, sys
+    import torch
+    from torchslim import checkpoint
+
+    logdir, when = sys.argv[1], sys.argv[2]
+    saver = checkpoint.Saver(max_to_keep=2)
+    state = lambda step: {"w": torch.full((256, 256), float(step)), "global_step": step}
+    saver.save(state(1), logdir, 1)
+    saver.save(state(2), logdir, 2)
+    real_write, real_rename = checkpoint._write_durably, os.rename
+    if when == "mid-tensors":
+        def write(path, data):
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2]); f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint._write_durably = write
+    elif when == "before-rename":
+        def rename(src, dst):
+            if ".tmp-" in src:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_rename(src, dst)
+        checkpoint.os.rename = rename
+    elif when == "mid-retention":
+        def rename(src, dst):
+            if ".del-" in dst:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_rename(src, dst)
+        checkpoint.os.rename = rename
+    saver.save(state(3), logdir, 3)
+''')
+
+
+@pytest.mark.parametrize("when, latest", [("mid-tensors", 2), ("before-rename", 2), ("mid-retention", 3)])
+def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_latest(tmp_path, when, latest):
+    script = tmp_path / "saver.py"
+    script.write_text(KILL_DURING_SAVE)
+    logdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(script), str(logdir), when], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL
+    path = checkpoint.latest_checkpoint(logdir)
+    assert checkpoint.step_of(path) == latest
+    state = checkpoint.load(path)
+    assert state["global_step"] == latest and torch.equal(state["w"], torch.full((256, 256), float(latest)))
+    # The next save clears the leftovers of the interrupted one.
+    checkpoint.Saver(max_to_keep=2).save({"global_step": 4}, logdir, 4)
+    assert not [n for n in os.listdir(logdir) if n.startswith(".")]
+
+
+def test_kill_9_at_random_moments_while_saving(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(textwrap.dedent('''
+        import sys, torch
+        from torchslim import checkpoint
+        saver, step = checkpoint.Saver(max_to_keep=3), 0
+        while True:
+            step += 1
+            saver.save({"w": torch.full((512, 512), float(step)), "step": step}, sys.argv[1], step)
+    '''))
+    logdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for delay in (0.9, 1.0, 1.1, 1.25, 1.4):
+        proc = subprocess.Popen([sys.executable, str(script), str(logdir)], env=env)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        path = checkpoint.latest_checkpoint(logdir)
+        if path is not None:
+            state = checkpoint.load(path)
+            assert torch.equal(state["w"], torch.full((512, 512), float(state["step"])))
+            assert state["step"] == checkpoint.step_of(path)
+
+
+# ---------------------------------------------------------------- DataStream
+
+
+def test_data_stream_resumes_mid_epoch_with_the_same_shuffle():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dataset = TensorDataset(torch.arange(20))
+    torch.manual_seed(0)
+    stream = DataStream(DataLoader(dataset, batch_size=3, shuffle=True))
+    it = iter(stream)
+    seen = [next(it)[0].tolist() for _ in range(9)]  # 7 batches per epoch: into the second epoch
+    state = stream.state_dict()
+    rest = [next(it)[0].tolist() for _ in range(6)]
+    assert (state["epoch"], state["batch"]) == (1, 2)
+
+    torch.manual_seed(123)  # a new process: the global RNG is elsewhere
+    resumed = DataStream(DataLoader(dataset, batch_size=3, shuffle=True))
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    assert [next(again)[0].tolist() for _ in range(6)] == rest
+    assert seen  # the first pass did run
+
+
+def test_data_stream_with_a_loader_generator_resumes_exactly():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def loader():
+        return DataLoader(TensorDataset(torch.arange(10)), batch_size=4, shuffle=True,
+                          generator=torch.Generator().manual_seed(7))
+
+    stream = DataStream(loader())
+    it = iter(stream)
+    for _ in range(4):
+        next(it)
+    state = stream.state_dict()
+    expected = [next(it)[0].tolist() for _ in range(4)]
+    resumed = DataStream(loader())
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    assert [next(again)[0].tolist() for _ in range(4)] == expected
+
+
+def test_data_stream_of_a_one_shot_iterator_ends_when_it_does():
+    stream = DataStream(iter(range(5)))
+    assert list(stream) == [0, 1, 2, 3, 4]
+
+
+def test_data_stream_of_none_yields_none_forever():
+    it = iter(DataStream(None))
+    assert [next(it) for _ in range(3)] == [None, None, None]
