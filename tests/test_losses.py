@@ -305,8 +305,6 @@ def test_weights_that_do_not_broadcast():
         losses.mean_squared_error(torch.zeros(3), torch.zeros(3), weights=torch.ones(2))
 
 
-@pytest.mark.xfail(strict=True, reason="compute_weighted_loss accepts weights that broadcast the losses to a "
-                                       "larger shape ([4,1] x [4] -> [4,4]) and returns a wrong value")
 def test_weights_must_not_grow_the_losses_shape():
     # A common slip: one weight per example as a column [batch, 1] against losses [batch].
     with pytest.raises(ValueError, match="does not broadcast"):
@@ -327,8 +325,6 @@ def test_bad_loss_collection_name_inside_a_context():
             get_losses("loss")
 
 
-@pytest.mark.xfail(strict=True, reason="a misspelt loss_collection is accepted silently outside collect_losses(); "
-                                       "the typo only surfaces once the function runs inside a train op")
 def test_bad_loss_collection_name_outside_a_context():
     with pytest.raises(ValueError, match="`loss_collection` must be"):
         losses.log_loss(torch.tensor([0.5]), torch.tensor([1.0]), loss_collection="loss")

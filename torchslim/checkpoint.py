@@ -145,7 +145,7 @@ def _add_tensor(t: torch.Tensor, key: str, tensors: dict[str, torch.Tensor], see
         key += "+"
     shares_storage = any(v[0] == view[0] and v[5] == view[5] for v in seen) and t.numel() > 0
     t = t.to("cpu")
-    tensors[key] = t.clone() if shares_storage else t.contiguous()
+    tensors[key] = t.clone(memory_format=torch.contiguous_format) if shares_storage else t.contiguous()
     seen[view] = key
     return key
 

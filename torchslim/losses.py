@@ -110,6 +110,10 @@ def add_loss(loss: torch.Tensor, loss_collection: str | None = LOSSES) -> None:
     """
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"`loss` must be a tensor, got {type(loss).__name__}")
+    if loss_collection not in (LOSSES, REGULARIZATION_LOSSES, None):
+        raise ValueError(
+            f"`loss_collection` must be {LOSSES!r}, {REGULARIZATION_LOSSES!r} or None, got {loss_collection!r}"
+        )
     collection = _current.get()
     if collection is not None and loss_collection is not None:
         collection.add(loss, loss_collection)
@@ -177,12 +181,15 @@ def compute_weighted_loss(
     if isinstance(weights, torch.Tensor):
         weights = weights.to(losses.dtype)
         try:
-            weighted = losses * weights
-        except RuntimeError as e:
+            fits = torch.broadcast_shapes(weights.shape, losses.shape) == losses.shape
+        except RuntimeError:
+            fits = False
+        if not fits:  # weights may broadcast to the losses, never make them bigger
             raise ValueError(
                 f"`weights` of shape {tuple(weights.shape)} does not broadcast to the losses' shape "
                 f"{tuple(losses.shape)}"
-            ) from e
+            )
+        weighted = losses * weights
         present = torch.broadcast_to(weights != 0, weighted.shape).sum()
         loss = weighted.sum() / present.clamp(min=1)
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool):

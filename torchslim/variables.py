@@ -66,12 +66,15 @@ def _in_scope(name: str, scope: str) -> bool:
     return name == scope or name.startswith(scope + ".")
 
 
-def _check_scopes(scopes: object, arg: str) -> list[str]:
+def _check_scopes(scopes: object, arg: str) -> list[str] | None:
     if scopes is None:
-        return []
-    if isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes):  # type: ignore[union-attr]
+        return None
+    if isinstance(scopes, str) or not isinstance(scopes, Iterable):
         raise TypeError(f"`{arg}` must be a list of name prefixes, got {scopes!r}")
-    return list(scopes)  # type: ignore[arg-type]
+    scopes = list(scopes)
+    if not all(isinstance(s, str) for s in scopes):
+        raise TypeError(f"`{arg}` must be a list of name prefixes, got {scopes!r}")
+    return scopes
 
 
 def get_model_variables(model: torch.nn.Module, scope: str | None = None, suffix: str | None = None
@@ -95,12 +98,15 @@ def get_model_variables(model: torch.nn.Module, scope: str | None = None, suffix
 
 def get_variables_to_restore(model: torch.nn.Module, include: Iterable[str] | None = None,
                              exclude: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """The variables inside any ``include`` scope (all if None) and outside every ``exclude`` scope."""
+    """The variables inside any ``include`` scope and outside every ``exclude`` scope.
+
+    ``include=None`` means every variable; ``include=[]`` means none, as in TF-Slim.
+    """
     include_ = _check_scopes(include, "include")
-    exclude_ = _check_scopes(exclude, "exclude")
+    exclude_ = _check_scopes(exclude, "exclude") or []
     return {
         name: t for name, t in get_model_variables(model).items()
-        if (not include_ or any(_in_scope(name, s) for s in include_))
+        if (include_ is None or any(_in_scope(name, s) for s in include_))
         and not any(_in_scope(name, s) for s in exclude_)
     }
 
@@ -141,7 +147,8 @@ def _load_state_dict_file(path: str) -> Mapping[str, Any]:
 
 
 def _assign(targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], source: str,
-            ignore_missing_vars: bool) -> None:
+            ignore_missing_vars: bool) -> int:
+    """Copy ``values`` into ``targets`` by name, all or nothing; return how many were assigned."""
     missing = [name for name in targets if name not in values]
     if missing and not ignore_missing_vars:
         raise ValueError(f"{source} has no value for: {', '.join(missing)} "
@@ -156,6 +163,7 @@ def _assign(targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tens
         for name, target in targets.items():
             if name in values:
                 target.copy_(values[name])
+    return len(targets) - len(missing)
 
 
 def _targets(var_list: Any, train_op: Any) -> Mapping[str, torch.Tensor]:
@@ -216,8 +224,8 @@ def assign_from_checkpoint_fn(model_path: str | os.PathLike, var_list: Any = Non
 
     def init_fn(train_op: Any = None) -> None:
         values = load_variables(model_path)
-        _assign(_targets(var_list, train_op), values, f"checkpoint {model_path}", ignore_missing_vars)
-        log.info("Warm-started %d variables from %s", len(values), model_path)
+        count = _assign(_targets(var_list, train_op), values, f"checkpoint {model_path}", ignore_missing_vars)
+        log.info("Warm-started %d variables from %s", count, model_path)
 
     return init_fn
 

@@ -1,0 +1,175 @@
+"""Checkpoints: round trips, refusals, retention, committed-only listing, inspection."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from torchslim import checkpoint
+from torchslim._types import NonFiniteError
+from torchslim.checkpoint import Saver, latest_checkpoint, list_checkpoints, load, save, step_of
+
+
+def names(logdir):
+    return [os.path.basename(p) for p in list_checkpoints(logdir)]
+
+
+def test_round_trip_of_a_nested_state(tmp_path):
+    state = {
+        "model": {"w": torch.randn(3, 4), "b16": torch.randn(2, dtype=torch.bfloat16),
+                  "count": torch.tensor(7, dtype=torch.int64), "mask": torch.tensor([True, False])},
+        "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}, 1: {}},
+                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1], "foreach": None}]},
+        "text": "hello", "flag": True, "nan": float("nan"), "empty": [],
+    }
+    save(state, tmp_path / "model.ckpt-3")
+    back = load(tmp_path / "model.ckpt-3")
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+    assert back["model"]["b16"].dtype == torch.bfloat16 and torch.equal(back["model"]["b16"], state["model"]["b16"])
+    assert back["model"]["count"].item() == 7 and back["model"]["mask"].dtype == torch.bool
+    assert list(back["optimizer"]["state"]) == [0, 1]  # int keys survive
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)  # tuples too
+    assert back["text"] == "hello" and back["flag"] is True and back["empty"] == []
+    assert back["nan"] != back["nan"]
+
+
+def test_a_real_optimizer_state_loads_back_into_an_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    save({"optimizer": opt.state_dict()}, tmp_path / "model.ckpt-1")
+    fresh = torch.optim.Adam(model.parameters())
+    fresh.load_state_dict(load(tmp_path / "model.ckpt-1")["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_tied_and_non_contiguous_tensors(tmp_path):
+    shared = torch.randn(4, 4)
+    state = {"a": shared, "b": shared, "t": shared.t(), "row": shared[1]}
+    save(state, tmp_path / "model.ckpt-1")
+    back = load(tmp_path / "model.ckpt-1")
+    assert back["a"] is back["b"]  # stored once, restored as one tensor
+    assert torch.equal(back["t"], shared.t()) and torch.equal(back["row"], shared[1])
+
+
+def test_nothing_is_unpickled_the_state_file_is_json(tmp_path):
+    save({"w": torch.ones(1), "n": 3}, tmp_path / "model.ckpt-5")
+    meta = json.loads((tmp_path / "model.ckpt-5" / "state.json").read_text())
+    assert meta["global_step"] == 5 and meta["state"]["n"] == 3
+    assert sorted(os.listdir(tmp_path / "model.ckpt-5")) == ["state.json", "tensors.safetensors"]
+
+
+def test_unsupported_values_are_refused_naming_where(tmp_path):
+    with pytest.raises(TypeError, match="cannot checkpoint opt/fn: a function"):
+        save({"opt": {"fn": lambda: 0}}, tmp_path / "model.ckpt-1")
+    with pytest.raises(TypeError, match="must be a dict"):
+        save([torch.ones(1)], tmp_path / "model.ckpt-1")
+    assert not os.path.exists(tmp_path / "model.ckpt-1")
+
+
+def test_a_state_with_nan_or_inf_is_never_committed(tmp_path):
+    Saver().save({"w": torch.ones(2)}, tmp_path, 1)
+    with pytest.raises(NonFiniteError, match="model/w"):
+        Saver().save({"model": {"w": torch.tensor([1.0, float("inf")])}}, tmp_path, 2)
+    assert names(tmp_path) == ["model.ckpt-1"]
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_max_to_keep_keeps_the_newest(tmp_path):
+    saver = Saver(max_to_keep=3)
+    for step in (5, 10, 20, 100, 200):
+        saver.save({"s": step}, tmp_path, step)
+    assert names(tmp_path) == ["model.ckpt-20", "model.ckpt-100", "model.ckpt-200"]  # numeric order
+    assert latest_checkpoint(tmp_path).endswith("model.ckpt-200")
+
+
+def test_max_to_keep_none_keeps_all(tmp_path):
+    saver = Saver(max_to_keep=None)
+    for step in range(1, 8):
+        saver.save({"s": step}, tmp_path, step)
+    assert len(names(tmp_path)) == 7
+
+
+def test_keep_checkpoint_every_n_hours_preserves_one_per_interval(tmp_path, monkeypatch):
+    clock = [1_000_000.0]
+    monkeypatch.setattr(checkpoint.time, "time", lambda: clock[0])
+    saver = Saver(max_to_keep=2, keep_checkpoint_every_n_hours=1)
+    for step in range(1, 11):  # one checkpoint every 20 minutes
+        clock[0] += 20 * 60
+        saver.save({"s": step}, tmp_path, step)
+    # Kept for good: the first one written at least an hour after the saver started, then hourly.
+    assert names(tmp_path) == ["model.ckpt-3", "model.ckpt-6", "model.ckpt-9", "model.ckpt-10"]
+    # A new saver (a restarted job) adopts the preserved ones instead of deleting them.
+    clock[0] += 20 * 60
+    Saver(max_to_keep=2, keep_checkpoint_every_n_hours=1).save({"s": 11}, tmp_path, 11)
+    assert names(tmp_path) == ["model.ckpt-3", "model.ckpt-6", "model.ckpt-9", "model.ckpt-10", "model.ckpt-11"]
+
+
+def test_only_committed_checkpoints_are_listed(tmp_path):
+    Saver().save({"s": 1}, tmp_path, 1)
+    (tmp_path / ".model.ckpt-2.tmp-abc").mkdir()  # a write that crashed before its commit
+    (tmp_path / "model.ckpt-3").mkdir()  # no state.json: never committed by torchslim
+    (tmp_path / "model.ckpt-x").mkdir()
+    (tmp_path / "events.out").write_text("")
+    assert names(tmp_path) == ["model.ckpt-1"]
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    save({"v": torch.zeros(1)}, tmp_path / "model.ckpt-4")
+    save({"v": torch.ones(1)}, tmp_path / "model.ckpt-4")
+    assert load(tmp_path / "model.ckpt-4")["v"].item() == 1.0
+    assert os.listdir(tmp_path) == ["model.ckpt-4"]
+
+
+def test_load_errors_name_the_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="is not a torchslim checkpoint"):
+        load(tmp_path)
+    save({"v": torch.zeros(8)}, tmp_path / "model.ckpt-1")
+    (tmp_path / "model.ckpt-1" / "state.json").write_text("{trunc")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="model.ckpt-1 is corrupt: state.json"):
+        load(tmp_path / "model.ckpt-1")
+    save({"v": torch.zeros(8)}, tmp_path / "model.ckpt-2")
+    os.remove(tmp_path / "model.ckpt-2" / "tensors.safetensors")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="tensors.safetensors is missing"):
+        load(tmp_path / "model.ckpt-2")
+
+
+def test_restore_latest_skips_corrupt_ones(tmp_path, caplog):
+    saver = Saver()
+    for step in (1, 2):
+        saver.save({"s": step, "w": torch.full((4,), float(step))}, tmp_path, step)
+    with open(tmp_path / "model.ckpt-2" / "tensors.safetensors", "r+b") as f:
+        f.truncate(20)
+    path, state = saver.restore_latest(tmp_path)
+    assert step_of(path) == 1 and state["s"] == 1
+    assert "model.ckpt-2 is corrupt" in caplog.text
+    assert saver.restore_latest(tmp_path / "empty") is None
+
+
+def test_step_of_and_checkpoint_path(tmp_path):
+    assert step_of(checkpoint.checkpoint_path(tmp_path, 42)) == 42
+    assert step_of("runs/x/model.ckpt-7/") == 7
+    with pytest.raises(ValueError, match="not a checkpoint name"):
+        step_of("runs/x/model.ckpt")
+
+
+@pytest.mark.parametrize("kwargs", [{"max_to_keep": -1}, {"max_to_keep": 2.5},
+                                    {"keep_checkpoint_every_n_hours": 0}, {"keep_checkpoint_every_n_hours": "1"}])
+def test_saver_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        Saver(**kwargs)
+
+
+def test_describe_lists_metadata_and_tensors(tmp_path):
+    Saver().save({"model": {"conv0.weight": torch.ones(2, 3)}, "global_step": 9, "lr": 0.5}, tmp_path, 9)
+    text = checkpoint.describe(tmp_path)  # a logdir: its latest checkpoint
+    assert "global_step: 9" in text
+    assert "lr = 0.5" in text
+    assert "model/conv0.weight" in text and "F32" in text and "[2, 3]" in text
+    with pytest.raises(ValueError, match="no checkpoint or logdir"):
+        checkpoint.describe(tmp_path / "nope")

@@ -1,0 +1,40 @@
+"""The `torchslim` command: the demo (the main job) and `inspect`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from torchslim import checkpoint, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_trains_resumes_and_reports_held_out_accuracy(tmp_path, capsys):
+    logdir = tmp_path / "digits"
+    assert cli.main(["demo", "--logdir", str(logdir), "--steps", "150"]) == 0
+    out = capsys.readouterr().out
+    assert "global step 150" in out and "held-out accuracy" in out
+    accuracy = float(out.split("held-out accuracy ")[1].split("%")[0])
+    assert accuracy > 85.0  # 150 steps only; the full demo reaches 97%+
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(logdir)) == 150
+    assert cli.main(["demo", "--logdir", str(logdir), "--steps", "170"]) == 0
+    assert "global step 170" in capsys.readouterr().out
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(logdir)) == 170
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    checkpoint.Saver().save({"model": {"w": torch.ones(3)}, "global_step": 3}, tmp_path, 3)
+    result = subprocess.run([sys.executable, "-m", "torchslim", "inspect", str(tmp_path)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "global_step: 3" in result.stdout and "model/w" in result.stdout
+
+
+def test_inspect_reports_a_bad_path_without_a_traceback(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint or logdir" in err and "Traceback" not in err
