@@ -127,7 +127,8 @@ class TrainOp:
     def __init__(self, total_loss: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, *,
                  state: Mapping[str, torch.nn.Module | torch.Tensor], global_step: GlobalStep | None,
                  update_ops: list[Callable[[], Any]], params_to_train: list[torch.Tensor] | None,
-                 transform: GradientTransform | None, check_numerics: bool, lr_scheduler: Any = None) -> None:
+                 transform: GradientTransform | None, check_numerics: bool, lr_scheduler: Any = None,
+                 summarize_gradients: bool = False) -> None:
         self.total_loss = total_loss
         self.optimizer = optimizer
         self.global_step = global_step
@@ -135,6 +136,10 @@ class TrainOp:
         self.lr_scheduler = lr_scheduler
         self.check_numerics = check_numerics
         self.transform = transform
+        self.summarize_gradients = summarize_gradients
+        # Set by the train loop on steps whose summaries are due: keep that step's losses.
+        self.record_losses = False
+        self.last_losses: losses.LossCollection | None = None
         self._state = dict(state)
         self._all_params = [p for g in optimizer.param_groups for p in g["params"]]
         self._trained = params_to_train if params_to_train is not None else [p for p in self._all_params if p.requires_grad]
@@ -146,8 +151,10 @@ class TrainOp:
     # ------------------------------------------------------------ the step
 
     def __call__(self, batch: Any = NO_BATCH) -> torch.Tensor:
-        with losses.collect_losses():
+        with losses.collect_losses() as collected:
             loss = self.total_loss() if batch is NO_BATCH else self.total_loss(batch)
+        if self.record_losses:
+            self.last_losses = collected
         if self._sync_numerics is None:
             self._first_step_checks(loss)
         if self.check_numerics:
@@ -235,6 +242,10 @@ class TrainOp:
     def _prefixed(self, name: str, key: str) -> str:
         # One model: plain state_dict names. Several: prefixed by the variable that holds each.
         return key if len(self._state) == 1 or not name else f"{name}.{key}"
+
+    def grads_and_vars(self) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """The ``(gradient, parameter)`` pairs of the last step, for the parameters this op trains."""
+        return [(p.grad, p) for p in self._trained]
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """Every trainable tensor this op owns, by its variable name."""

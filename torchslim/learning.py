@@ -16,8 +16,8 @@ TF-Slim's workflow, in PyTorch:
 >>> train_op = learning.create_train_op(total_loss, optimizer)
 >>> logdir = tempfile.mkdtemp()
 >>> final_loss = learning.train(train_op, logdir, data, number_of_steps=20)
->>> train_op.step, sorted(os.listdir(logdir))
-(20, ['model.ckpt-20'])
+>>> train_op.step, checkpoint.latest_checkpoint(logdir) == os.path.join(logdir, "model.ckpt-20")
+(20, True)
 
 Run the same ``train`` call again and it restores ``model.ckpt-20`` and goes on
 from global step 20 (here: nothing left to do).
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from torchslim import checkpoint, gradients, policies
+from torchslim import checkpoint, gradients, policies, summaries
 from torchslim._trainop import (
     NO_BATCH,
     TrainOp,
@@ -49,6 +49,7 @@ from torchslim.supervisor import RunConfig, Supervisor
 
 __all__ = [
     "GlobalStep",
+    "add_gradients_summaries",
     "NonFiniteError",
     "TrainOp",
     "clip_gradient_norms",
@@ -62,6 +63,7 @@ __all__ = [
 
 log = logging.getLogger("torchslim")
 
+add_gradients_summaries = summaries.add_gradients_summaries
 clip_gradient_norms = gradients.clip_gradient_norms
 clip_gradient_norms_fn = gradients.clip_gradient_norms_fn
 multiply_gradients = gradients.multiply_gradients
@@ -101,6 +103,7 @@ def create_train_op(
     update_ops: Iterable[Callable[[], Any]] | None = None,
     variables_to_train: Iterable[str | torch.Tensor] | None = None,
     clip_gradient_norm: float = 0,
+    summarize_gradients: bool = False,
     gradient_multipliers: Mapping[str | torch.Tensor, float] | None = None,
     check_numerics: bool = True,
     transform_grads_fn: GradientTransform | None = None,
@@ -123,6 +126,8 @@ def create_train_op(
             frozen for this op. Default: every parameter in ``optimizer``.
         clip_gradient_norm: if > 0, clip each gradient tensor to this L2 norm
             (per tensor; for a global norm use ``gradients.clip_by_global_norm``).
+        summarize_gradients: when summaries are written, add a histogram
+            ``<param>/gradient`` and a scalar ``<param>/gradient_norm`` per parameter.
         gradient_multipliers: parameter (or name) -> factor for its gradient.
         check_numerics: raise :class:`NonFiniteError` when the loss is NaN/Inf,
             naming the step and the first parameter with a non-finite gradient or
@@ -149,8 +154,9 @@ def create_train_op(
         raise ValueError(f"`clip_gradient_norm` must be a number >= 0 (0: no clipping), got {clip_gradient_norm!r}")
     if transform_grads_fn is not None:
         check_callable(transform_grads_fn, "transform_grads_fn")
-    if not isinstance(check_numerics, bool):
-        raise TypeError(f"`check_numerics` must be True or False, got {check_numerics!r}")
+    for flag, value in (("check_numerics", check_numerics), ("summarize_gradients", summarize_gradients)):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{flag}` must be True or False, got {value!r}")
     if lr_scheduler is not None and not (callable(getattr(lr_scheduler, "step", None))
                                          and callable(getattr(lr_scheduler, "state_dict", None))):
         raise TypeError(f"`lr_scheduler` must have step() and state_dict(), got {type(lr_scheduler).__name__}")
@@ -168,6 +174,7 @@ def create_train_op(
         global_step=GlobalStep() if global_step is _DEFAULT else _check_global_step(global_step),
         update_ops=_resolve_update_ops(update_ops, modules),
         params_to_train=trained, transform=transform, check_numerics=check_numerics, lr_scheduler=lr_scheduler,
+        summarize_gradients=summarize_gradients,
     )
 
 
@@ -291,18 +298,25 @@ def train(
     log_every_n_steps: int = 1,
     number_of_steps: int | None = None,
     init_fn: Callable[..., Any] | None = None,
+    summary_op: Callable[[TrainOp], Mapping[str, float]] | None = _DEFAULT,
+    save_summaries_secs: float | None = 600,
+    save_summaries_steps: int | None = None,
+    summary_writer: Any = _DEFAULT,
     saver: checkpoint.Saver | None = None,
     save_interval_secs: float | None = 600,
     save_interval_steps: int | None = None,
+    trace_every_n_steps: int | None = None,
     progress_bar: bool | None = None,
 ) -> float | None:
-    """Run ``train_op`` as a supervised job: restore or init, step, checkpoint, stop, save.
+    """Run ``train_op`` as a supervised job: restore or init, step, summarize, checkpoint, stop, save.
 
     Args:
         train_op: from :func:`create_train_op`.
-        logdir: where checkpoints go. If it holds one, training resumes from the
-            newest readable one (a corrupt newest one is reported and skipped).
-            ``None``: no checkpoints (then ``saver`` and ``save_interval_steps`` are errors).
+        logdir: where checkpoints, event files and ``metrics.jsonl`` go. If it holds
+            a checkpoint, training resumes from the newest readable one (a corrupt
+            newest one is reported and skipped). ``None``: nothing is written (then
+            ``saver``, ``save_interval_steps``, ``summary_op``, ``summary_writer`` and
+            ``trace_every_n_steps`` are errors).
         data: any iterable of batches, re-iterated each epoch; each batch is passed
             to the loss function. ``None``: the loss function reads its own data.
         train_step_fn: ``(train_op, batch, train_step_kwargs) -> (loss, should_stop)``.
@@ -313,35 +327,64 @@ def train(
             does what is left). ``None``: until the data runs out or a stop signal.
         init_fn: called on a fresh start only (not on resume), with the train op if
             it takes an argument; e.g. :func:`torchslim.variables.assign_from_checkpoint_fn`.
+        summary_op: ``summary_op(train_op) -> {tag: number}``, extra scalars written
+            with the summaries; ``None``: no summaries at all.
+        save_summaries_secs: write summaries every this many seconds (``None``: not by time).
+        save_summaries_steps: write summaries every this many global steps.
+        summary_writer: where summaries go. Default: TensorBoard event files and
+            ``metrics.jsonl`` in ``logdir``; ``None``: nowhere; or a
+            :class:`torchslim.summaries.SummaryWriter`.
         saver: a :class:`torchslim.checkpoint.Saver` (default: keep the newest 5).
         save_interval_secs: save every this many seconds (``None``: not by time).
         save_interval_steps: save every this many global steps (``None``: not by steps).
+        trace_every_n_steps: write a Chrome trace of every n-th step to ``logdir/trace-<step>.json``.
         progress_bar: show one (steps, loss, steps/s, ETA). Default: when stderr is a terminal.
 
     Returns:
         The last loss as a float, or ``None`` if no step was taken.
 
-    A final checkpoint is saved when the target is reached, the data runs out,
-    or on SIGTERM / Ctrl-C (which are then re-raised); never after an error.
+    A final checkpoint and summary are written when the target is reached, the
+    data runs out, or on SIGTERM / Ctrl-C (which are then re-raised); never after an error.
     """
-    config = _run_config(train_op, logdir, data, train_step_fn, log_every_n_steps, number_of_steps, init_fn,
-                         saver, save_interval_secs, save_interval_steps, progress_bar)
+    config = _run_config(
+        train_op, logdir, data, train_step_fn=train_step_fn, log_every_n_steps=log_every_n_steps,
+        number_of_steps=number_of_steps, init_fn=init_fn, summary_op=summary_op,
+        save_summaries_secs=save_summaries_secs, save_summaries_steps=save_summaries_steps,
+        summary_writer=summary_writer, saver=saver, save_interval_secs=save_interval_secs,
+        save_interval_steps=save_interval_steps, trace_every_n_steps=trace_every_n_steps, progress_bar=progress_bar,
+    )
     kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps, "logdir": config.logdir}
     kwargs.update(train_step_kwargs or {})
     loss = None
     with Supervisor(train_op, data, config) as sv:
         sv.restore_or_initialize()
         for batch in sv.batches():
+            sv.before_step()
             loss, should_stop = train_step_fn(train_op, batch, kwargs)
             if sv.after_step(loss) or should_stop:
                 break
-        sv.finish()
+        sv.finish(loss)
     return None if loss is None else float(loss)
 
 
-def _run_config(train_op: Any, logdir: Any, data: Any, train_step_fn: Any, log_every_n_steps: Any,
-                number_of_steps: Any, init_fn: Any, saver: Any, save_interval_secs: Any,
-                save_interval_steps: Any, progress_bar: Any) -> RunConfig:
+def _interval(secs: Any, steps: Any, what: str) -> policies.Policy:
+    """The policy for 'every ``secs`` seconds or every ``steps`` steps', after checking both."""
+    if secs is not None and secs != 0:
+        check_positive(secs, f"save_{what}_secs" if what == "summaries" else "save_interval_secs")
+    check_positive(steps, f"save_{what}_steps" if what == "summaries" else "save_interval_steps",
+                   integer=True, allow_none=True)
+    return policies.any_of(policies.every_n_secs(secs) if secs else None,
+                           policies.every_n_steps(steps) if steps else None)
+
+
+def _check_nowhere_to_write(logdir: Any, given: Mapping[str, bool]) -> None:
+    if logdir is None:
+        for name, is_given in given.items():
+            if is_given:
+                raise ValueError(f"`{name}` was given but logdir=None: there is nowhere to write; pass a logdir")
+
+
+def _run_config(train_op: Any, logdir: Any, data: Any, **a: Any) -> RunConfig:
     """Check every argument of ``train`` before anything is touched; raise on the first bad one."""
     if not isinstance(train_op, TrainOp):
         raise TypeError(f"`train_op` must be a TrainOp from create_train_op, got {type(train_op).__name__}")
@@ -349,35 +392,56 @@ def _run_config(train_op: Any, logdir: Any, data: Any, train_step_fn: Any, log_e
         raise ValueError("`train_op` does not count steps (global_step=None); train() needs a step counter")
     if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
         raise TypeError(f"`logdir` must be a path or None, got {logdir!r}")
-    if logdir is None and saver is not None:
-        raise ValueError("`saver` was given but logdir=None: there is nowhere to save; pass a logdir")
-    if logdir is None and save_interval_steps is not None:
-        raise ValueError("`save_interval_steps` was given but logdir=None: there is nowhere to save")
+    _check_nowhere_to_write(logdir, {
+        "saver": a["saver"] is not None, "save_interval_steps": a["save_interval_steps"] is not None,
+        "summary_op": a["summary_op"] not in (_DEFAULT, None),
+        "summary_writer": a["summary_writer"] not in (_DEFAULT, None),
+        "trace_every_n_steps": a["trace_every_n_steps"] is not None,
+    })
     if data is not None and not isinstance(data, Iterable):
         raise TypeError(f"`data` must be an iterable of batches or None, got {type(data).__name__}")
-    check_callable(train_step_fn, "train_step_fn")
-    check_positive(log_every_n_steps, "log_every_n_steps", integer=True)
-    check_positive(number_of_steps, "number_of_steps", integer=True, allow_none=True)
-    check_positive(save_interval_steps, "save_interval_steps", integer=True, allow_none=True)
-    if save_interval_secs is not None and save_interval_secs != 0:
-        check_positive(save_interval_secs, "save_interval_secs")
-    if saver is not None and not isinstance(saver, checkpoint.Saver):
-        raise TypeError(f"`saver` must be a torchslim.checkpoint.Saver, got {type(saver).__name__}")
-    if progress_bar is not None and not isinstance(progress_bar, bool):
-        raise TypeError(f"`progress_bar` must be True, False or None (auto), got {progress_bar!r}")
-    takes_op = _check_init_fn(init_fn)
+    check_callable(a["train_step_fn"], "train_step_fn")
+    check_positive(a["log_every_n_steps"], "log_every_n_steps", integer=True)
+    check_positive(a["number_of_steps"], "number_of_steps", integer=True, allow_none=True)
+    check_positive(a["trace_every_n_steps"], "trace_every_n_steps", integer=True, allow_none=True)
+    save_policy = _interval(a["save_interval_secs"], a["save_interval_steps"], "interval")
+    summary_policy = _interval(a["save_summaries_secs"], a["save_summaries_steps"], "summaries")
+    if a["saver"] is not None and not isinstance(a["saver"], checkpoint.Saver):
+        raise TypeError(f"`saver` must be a torchslim.checkpoint.Saver, got {type(a['saver']).__name__}")
+    if a["summary_op"] not in (_DEFAULT, None):
+        check_callable(a["summary_op"], "summary_op")
+    writer = _check_writer(a["summary_writer"])
+    if a["progress_bar"] is not None and not isinstance(a["progress_bar"], bool):
+        raise TypeError(f"`progress_bar` must be True, False or None (auto), got {a['progress_bar']!r}")
+    takes_op = _check_init_fn(a["init_fn"])
     return RunConfig(
         logdir=None if logdir is None else os.fspath(logdir),
-        number_of_steps=number_of_steps,
-        save_policy=policies.any_of(
-            policies.every_n_secs(save_interval_secs) if save_interval_secs else None,
-            policies.every_n_steps(save_interval_steps) if save_interval_steps else None,
-        ) if logdir is not None else policies.Never(),
-        saver=(saver or checkpoint.Saver()) if logdir is not None else None,
-        init_fn=init_fn,
+        number_of_steps=a["number_of_steps"],
+        save_policy=save_policy if logdir is not None else policies.Never(),
+        saver=(a["saver"] or checkpoint.Saver()) if logdir is not None else None,
+        init_fn=a["init_fn"],
         init_fn_takes_train_op=takes_op,
-        progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
+        progress_bar=sys.stderr.isatty() if a["progress_bar"] is None else a["progress_bar"],
+        summary_policy=policies.Never() if a["summary_op"] is None else summary_policy,
+        summary_writer=summaries.NullWriter() if a["summary_op"] is None else writer,
+        summary_op=None if a["summary_op"] in (_DEFAULT, None) else a["summary_op"],
+        trace_policy=policies.any_of(policies.every_n_steps(a["trace_every_n_steps"])
+                                     if a["trace_every_n_steps"] else None),
     )
+
+
+def _check_writer(writer: Any) -> summaries.SummaryWriter | None:
+    """The writer to use: ``None`` stands for the default one, which the run opens in its logdir."""
+    if writer is _DEFAULT:
+        return None
+    if writer is None:
+        return summaries.NullWriter()
+    missing = [m for m in ("add_scalar", "add_histogram", "add_images", "flush", "close")
+               if not callable(getattr(writer, m, None))]
+    if missing:
+        raise TypeError(f"`summary_writer` must be a torchslim.summaries.SummaryWriter; "
+                        f"{type(writer).__name__} lacks {', '.join(missing)}")
+    return writer
 
 
 def _check_init_fn(init_fn: Any) -> bool:

@@ -53,13 +53,14 @@ REGULARIZATION_LOSSES = "regularization_losses"
 class LossCollection:
     """The losses added during one step, by collection name."""
 
-    __slots__ = ("losses", "regularization_losses")
+    __slots__ = ("losses", "regularization_losses", "names")
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
         self.regularization_losses: list[torch.Tensor] = []
+        self.names: dict[int, str] = {}  # id(loss) -> name, for summaries
 
-    def add(self, loss: torch.Tensor, loss_collection: str = LOSSES) -> None:
+    def add(self, loss: torch.Tensor, loss_collection: str = LOSSES, name: str = "loss") -> None:
         if loss_collection == LOSSES:
             self.losses.append(loss)
         elif loss_collection == REGULARIZATION_LOSSES:
@@ -68,6 +69,18 @@ class LossCollection:
             raise ValueError(
                 f"`loss_collection` must be {LOSSES!r}, {REGULARIZATION_LOSSES!r} or None, got {loss_collection!r}"
             )
+        self.names[id(loss)] = name
+
+    def named(self) -> list[tuple[str, torch.Tensor]]:
+        """``(collection/name, loss)`` for every loss, names made unique with ``_1``, ``_2``..."""
+        out, seen = [], {}
+        for collection, items in ((LOSSES, self.losses), (REGULARIZATION_LOSSES, self.regularization_losses)):
+            for loss in items:
+                tag = f"{collection}/{self.names.get(id(loss), 'loss')}"
+                count = seen.get(tag, 0)
+                seen[tag] = count + 1
+                out.append((tag if count == 0 else f"{tag}_{count}", loss))
+        return out
 
 
 _current: contextvars.ContextVar[LossCollection | None] = contextvars.ContextVar(
@@ -102,8 +115,8 @@ def _collection(caller: str) -> LossCollection:
     return collection
 
 
-def add_loss(loss: torch.Tensor, loss_collection: str | None = LOSSES) -> None:
-    """Add ``loss`` to the current step's collection (``None``: add it nowhere).
+def add_loss(loss: torch.Tensor, loss_collection: str | None = LOSSES, name: str = "loss") -> None:
+    """Add ``loss`` to the current step's collection (``None``: add it nowhere) under ``name``.
 
     Outside a collection context this does nothing, so loss functions stay usable
     on their own.
@@ -116,7 +129,7 @@ def add_loss(loss: torch.Tensor, loss_collection: str | None = LOSSES) -> None:
         )
     collection = _current.get()
     if collection is not None and loss_collection is not None:
-        collection.add(loss, loss_collection)
+        collection.add(loss, loss_collection, name)
 
 
 def get_losses(loss_collection: str = LOSSES) -> list[torch.Tensor]:
@@ -166,12 +179,15 @@ def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def compute_weighted_loss(
-    losses: torch.Tensor, weights: float | torch.Tensor = 1.0, loss_collection: str | None = LOSSES
+    losses: torch.Tensor, weights: float | torch.Tensor = 1.0, loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Weighted mean of ``losses``: ``sum(losses * weights) / (number of non-zero weights)``.
 
     ``weights`` is a number or a tensor that broadcasts to ``losses`` (e.g. one
-    weight per example). The result is added to ``loss_collection``.
+    weight per example). The result is added to ``loss_collection`` under the
+    name ``scope`` (every loss function takes ``scope``; it defaults to the
+    function's name and becomes the summary tag ``losses/<scope>``).
 
     >>> compute_weighted_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0]))
     tensor(1.)
@@ -196,7 +212,7 @@ def compute_weighted_loss(
         loss = losses.mean() * weights if weights != 0 else losses.sum() * 0.0
     else:
         raise TypeError(f"`weights` must be a number or a tensor, got {type(weights).__name__}")
-    add_loss(loss, loss_collection)
+    add_loss(loss, loss_collection, scope or "weighted_loss")
     return loss
 
 
@@ -211,6 +227,7 @@ def log_loss(
     weights: float | torch.Tensor = 1.0,
     epsilon: float = 1e-7,
     loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Binary log loss of probabilities ``predictions`` against 0/1 ``labels``.
 
@@ -220,7 +237,7 @@ def log_loss(
     _check_same_shape(predictions, labels, "predictions", "labels")
     labels = labels.to(predictions.dtype)
     losses = -labels * torch.log(predictions + epsilon) - (1 - labels) * torch.log(1 - predictions + epsilon)
-    return compute_weighted_loss(losses, weights, loss_collection)
+    return compute_weighted_loss(losses, weights, loss_collection, scope or "log_loss")
 
 
 def softmax_cross_entropy(
@@ -229,6 +246,7 @@ def softmax_cross_entropy(
     weights: float | torch.Tensor = 1.0,
     label_smoothing: float = 0.0,
     loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy of ``logits`` [batch, classes] against one-hot (or soft) labels.
 
@@ -244,7 +262,7 @@ def softmax_cross_entropy(
     if label_smoothing:
         labels = labels * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
     losses = -(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1)
-    return compute_weighted_loss(losses, weights, loss_collection)
+    return compute_weighted_loss(losses, weights, loss_collection, scope or "softmax_cross_entropy")
 
 
 def sparse_softmax_cross_entropy(
@@ -253,6 +271,7 @@ def sparse_softmax_cross_entropy(
     weights: float | torch.Tensor = 1.0,
     label_smoothing: float = 0.0,
     loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy against integer class ``labels`` [batch], as PyTorch users hold them.
 
@@ -268,7 +287,7 @@ def sparse_softmax_cross_entropy(
     losses = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", label_smoothing=label_smoothing
     ).reshape(labels.shape)
-    return compute_weighted_loss(losses, weights, loss_collection)
+    return compute_weighted_loss(losses, weights, loss_collection, scope or "sparse_softmax_cross_entropy")
 
 
 def sigmoid_cross_entropy(
@@ -277,6 +296,7 @@ def sigmoid_cross_entropy(
     weights: float | torch.Tensor = 1.0,
     label_smoothing: float = 0.0,
     loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Sigmoid cross-entropy of ``logits`` against 0/1 labels of the same shape.
 
@@ -291,7 +311,7 @@ def sigmoid_cross_entropy(
     if label_smoothing:
         labels = labels * (1 - label_smoothing) + 0.5 * label_smoothing
     losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return compute_weighted_loss(losses, weights, loss_collection)
+    return compute_weighted_loss(losses, weights, loss_collection, scope or "sigmoid_cross_entropy")
 
 
 def mean_squared_error(
@@ -299,6 +319,7 @@ def mean_squared_error(
     labels: torch.Tensor,
     weights: float | torch.Tensor = 1.0,
     loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Weighted mean of ``(predictions - labels) ** 2``.
 
@@ -306,7 +327,8 @@ def mean_squared_error(
     tensor(2.5000)
     """
     _check_same_shape(predictions, labels, "predictions", "labels")
-    return compute_weighted_loss((predictions - labels.to(predictions.dtype)) ** 2, weights, loss_collection)
+    squared = (predictions - labels.to(predictions.dtype)) ** 2
+    return compute_weighted_loss(squared, weights, loss_collection, scope or "mean_squared_error")
 
 
 def absolute_difference(
@@ -314,6 +336,7 @@ def absolute_difference(
     labels: torch.Tensor,
     weights: float | torch.Tensor = 1.0,
     loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Weighted mean of ``|predictions - labels|``.
 
@@ -321,7 +344,8 @@ def absolute_difference(
     tensor(1.5000)
     """
     _check_same_shape(predictions, labels, "predictions", "labels")
-    return compute_weighted_loss((predictions - labels.to(predictions.dtype)).abs(), weights, loss_collection)
+    absolute = (predictions - labels.to(predictions.dtype)).abs()
+    return compute_weighted_loss(absolute, weights, loss_collection, scope or "absolute_difference")
 
 
 def hinge_loss(
@@ -329,6 +353,7 @@ def hinge_loss(
     labels: torch.Tensor,
     weights: float | torch.Tensor = 1.0,
     loss_collection: str | None = LOSSES,
+    scope: str | None = None,
 ) -> torch.Tensor:
     """Hinge loss ``max(0, 1 - y * logits)`` with 0/1 ``labels`` mapped to y = -1/+1.
 
@@ -337,7 +362,7 @@ def hinge_loss(
     """
     _check_same_shape(logits, labels, "logits", "labels")
     signs = 2 * labels.to(logits.dtype) - 1
-    return compute_weighted_loss(F.relu(1 - signs * logits), weights, loss_collection)
+    return compute_weighted_loss(F.relu(1 - signs * logits), weights, loss_collection, scope or "hinge_loss")
 
 
 def l2_regularization_loss(params, scale: float) -> torch.Tensor:
@@ -354,7 +379,7 @@ def l2_regularization_loss(params, scale: float) -> torch.Tensor:
     if not params:
         raise ValueError("`params` is empty")
     loss = scale * 0.5 * _sum([p.pow(2).sum() for p in params])
-    add_loss(loss, REGULARIZATION_LOSSES)
+    add_loss(loss, REGULARIZATION_LOSSES, "l2_regularization")
     return loss
 
 

@@ -26,14 +26,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils.data
 
-from torchslim import checkpoint
+from torchslim import checkpoint, summaries
 from torchslim._types import Policy
 
 log = logging.getLogger("torchslim")
@@ -178,6 +179,10 @@ class RunConfig:
     init_fn: Callable[..., Any] | None
     init_fn_takes_train_op: bool
     progress_bar: bool
+    summary_policy: Policy
+    summary_writer: summaries.SummaryWriter | None  # None: the default TensorBoard + metrics.jsonl writer
+    summary_op: Callable[[Any], Mapping[str, float]] | None
+    trace_policy: Policy
 
 
 class Supervisor:
@@ -191,6 +196,12 @@ class Supervisor:
         self._last_saved_step: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._bar: Any = None
+        self.summaries = summaries.take_pending()  # those added before training belong to this run
+        self.summaries.set_names({id(t): name for name, t in train_op.model_variables().items()})
+        self._summaries_due = False
+        self._last_summary: tuple[int, float] | None = None
+        self._writer: summaries.SummaryWriter = summaries.NullWriter()
+        self._trace: Any = None
 
     # ------------------------------------------------------------ start
 
@@ -198,14 +209,37 @@ class Supervisor:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._collecting = summaries.collecting(self.summaries)
+        self._collecting.__enter__()
+        self._writer = self._open_writer()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._restore_signal_handlers()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._trace is not None:
+            self._trace.__exit__(None, None, None)
+            self._trace = None
+        if self._writer is not self.config.summary_writer:
+            self._writer.close()  # ours: flush and close; a writer the user gave stays open
+        else:
+            self._writer.flush()
+        self._collecting.__exit__(None, None, None)
+
+    def _restore_signal_handlers(self) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
-        if self._bar is not None:
-            self._bar.close()
+
+    def _open_writer(self) -> summaries.SummaryWriter:
+        if self.config.summary_writer is not None:
+            return self.config.summary_writer
+        if self.config.logdir is None:
+            return summaries.NullWriter()
+        return summaries.MultiWriter(summaries.TensorBoardWriter(self.config.logdir),
+                                     summaries.JsonlWriter(os.path.join(self.config.logdir, "metrics.jsonl")))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
@@ -253,9 +287,27 @@ class Supervisor:
             return iter(())
         return iter(self.stream)
 
+    def before_step(self) -> None:
+        """Arm what the coming step must record: its summaries, its trace."""
+        step = self.train_op.step + 1
+        due = self.config.summary_policy.should_trigger(step)
+        self._summaries_due = self.train_op.record_losses = due
+        self.summaries.begin_step(recording=due)
+        if self.config.trace_policy.should_trigger(step):
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._trace = torch.profiler.profile(activities=activities)
+            self._trace.__enter__()
+
     def after_step(self, loss: torch.Tensor) -> bool:
         """Run the services that are due; return True when the run must stop."""
         step = self.train_op.step
+        if self._trace is not None:
+            self._write_trace(step)
+        if self._summaries_due:
+            self.write_summaries(loss)
+        self.summaries.end_step()
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if step % 10 == 0:
@@ -263,6 +315,36 @@ class Supervisor:
         if self.config.save_policy.should_trigger(step):
             self.save()
         return self.stop_signal is not None
+
+    def _write_trace(self, step: int) -> None:
+        trace, self._trace = self._trace, None
+        trace.__exit__(None, None, None)
+        if self.config.logdir is not None:
+            path = os.path.join(self.config.logdir, f"trace-{step}.json")
+            os.makedirs(self.config.logdir, exist_ok=True)
+            trace.export_chrome_trace(path)
+            log.info("Wrote the trace of global step %d to %s", step, path)
+
+    def write_summaries(self, loss: torch.Tensor | None) -> None:
+        """Write the run's scalars and every summary at the current global step (host syncs happen here)."""
+        op, step, now = self.train_op, self.train_op.step, time.monotonic()
+        scalars: dict[str, float] = {}
+        if loss is not None:
+            scalars["total_loss"] = loss.item()
+        if op.last_losses is not None:
+            scalars.update((tag, t.item()) for tag, t in op.last_losses.named())
+            op.last_losses = None
+        groups = op.optimizer.param_groups
+        for i, group in enumerate(groups):
+            scalars["learning_rate" if len(groups) == 1 else f"learning_rate/group_{i}"] = float(group["lr"])
+        if self._last_summary is not None and now > self._last_summary[1] and step > self._last_summary[0]:
+            scalars["global_step/sec"] = (step - self._last_summary[0]) / (now - self._last_summary[1])
+        if self.config.summary_op is not None:
+            scalars.update(self.config.summary_op(op))
+        if op.summarize_gradients and self.summaries.in_step:
+            summaries.add_gradients_summaries(op.grads_and_vars())
+        summaries.write_summaries(self.summaries, self._writer, step, scalars)
+        self._last_summary = (step, now)
 
     def save(self) -> None:
         """Commit a checkpoint of the whole run at the current global step (chief only, when a logdir is set)."""
@@ -280,8 +362,10 @@ class Supervisor:
 
     # ------------------------------------------------------------ end
 
-    def finish(self) -> None:
-        """The final checkpoint (unless the current step is already saved), then re-deliver a stop signal."""
+    def finish(self, loss: torch.Tensor | None) -> None:
+        """The final summaries and checkpoint (unless already written at this step), then re-deliver a stop signal."""
+        if loss is not None and (self._last_summary is None or self._last_summary[0] != self.train_op.step):
+            self.write_summaries(loss)
         if self._last_saved_step != self.train_op.step:
             self.save()
         else:
@@ -289,5 +373,5 @@ class Supervisor:
         if self.stop_signal == signal.SIGINT:
             raise KeyboardInterrupt
         if self.stop_signal == signal.SIGTERM:
-            self.__exit__(None, None, None)  # restore the previous handler, then deliver SIGTERM to it
+            self.__exit__(None, None, None)  # close files, restore the previous handler, deliver SIGTERM to it
             signal.raise_signal(signal.SIGTERM)
