@@ -304,6 +304,7 @@ def test_train_reaches_the_target_and_writes_a_final_checkpoint(problem, tmp_pat
     assert isinstance(loss, float) and loss < 0.3
     assert op.step == 30
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path)] == ["model.ckpt-30"]
+    assert checkpoint.read_metadata(tmp_path / "model.ckpt-30")["final"] is True
     lines = [r.getMessage() for r in info_logs.records if r.getMessage().startswith("global step")]
     assert [line.split(":")[0] for line in lines] == ["global step 10", "global step 20", "global step 30"]
     assert all(" sec/step)" in line and "loss = " in line for line in lines)
@@ -394,6 +395,7 @@ def test_save_interval_steps_saves_on_multiples(problem, tmp_path):
     op = create_train_op(problem.loss, problem.optimizer)
     train(op, tmp_path, batches(), number_of_steps=25, save_interval_steps=10, saver=checkpoint.Saver(max_to_keep=None))
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)] == [10, 20, 25]
+    assert [checkpoint.read_metadata(p)["final"] for p in checkpoint.list_checkpoints(tmp_path)] == [False, False, True]
 
 
 def test_custom_train_step_fn_and_kwargs(problem, tmp_path):

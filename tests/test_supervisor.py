@@ -118,6 +118,7 @@ def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
     latest = checkpoint.latest_checkpoint(logdir)
     step = checkpoint.step_of(latest)
     assert step >= 15 and checkpoint.load(latest)["global_step"] == step
+    assert checkpoint.read_metadata(latest)["final"] is False  # preempted, not finished
 
 
 def test_ctrl_c_saves_then_raises_keyboard_interrupt(tmp_path):

@@ -188,7 +188,7 @@ def _write_durably(path: str, data: bytes) -> None:
 
 
 def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int | None = None,
-         require_finite: bool = True) -> str:
+         require_finite: bool = True, final: bool = False) -> str:
     """Write ``state`` as a checkpoint at ``path``, atomically.
 
     Args:
@@ -197,6 +197,8 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
             An existing checkpoint at ``path`` is replaced only after the new one is complete.
         global_step: recorded in the metadata (defaults to the step in ``path``'s name).
         require_finite: refuse a state with a NaN/Inf floating-point tensor.
+        final: mark it as the last checkpoint of a run that ended normally
+            (target reached or data exhausted), for evaluators waiting on it.
 
     Returns:
         ``path``.
@@ -219,6 +221,7 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
         "format": FORMAT,
         "global_step": int(global_step),
         "created": time.time(),
+        "final": bool(final),
         "files": {TENSOR_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
         "state": tree,
     }
@@ -326,12 +329,13 @@ class Saver:
         self._created = time.time()
         self._preserved: dict[str, set[str]] = {}
 
-    def save(self, state: Mapping[str, Any], logdir: str | os.PathLike, global_step: int) -> str:
-        """Commit ``state`` as ``<logdir>/model.ckpt-<global_step>``, then apply retention."""
+    def save(self, state: Mapping[str, Any], logdir: str | os.PathLike, global_step: int, *,
+             final: bool = False) -> str:
+        """Commit ``state`` as ``<logdir>/model.ckpt-<global_step>``, then apply retention (``final``: see :func:`save`)."""
         logdir = os.path.abspath(os.fspath(logdir))
         preserved = self._preserved_in(logdir)
         path = save(state, checkpoint_path(logdir, global_step), global_step=global_step,
-                    require_finite=self.require_finite)
+                    require_finite=self.require_finite, final=final)
         self._retire_old(logdir, preserved)
         return path
 

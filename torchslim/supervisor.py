@@ -346,7 +346,7 @@ class Supervisor:
         summaries.write_summaries(self.summaries, self._writer, step, scalars)
         self._last_summary = (step, now)
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
         """Commit a checkpoint of the whole run at the current global step (chief only, when a logdir is set)."""
         self.train_op.flush_numerics_check()
         if self.config.logdir is None or self.config.saver is None:
@@ -356,7 +356,7 @@ class Supervisor:
         state["data"] = self.stream.state_dict()
         state["rng"] = capture_rng()
         started = time.monotonic()
-        path = self.config.saver.save(state, self.config.logdir, step)
+        path = self.config.saver.save(state, self.config.logdir, step, final=final)
         self._last_saved_step = step
         log.info("Saved %s in %.2f s", path, time.monotonic() - started)
 
@@ -366,8 +366,9 @@ class Supervisor:
         """The final summaries and checkpoint (unless already written at this step), then re-deliver a stop signal."""
         if loss is not None and (self._last_summary is None or self._last_summary[0] != self.train_op.step):
             self.write_summaries(loss)
-        if self._last_saved_step != self.train_op.step:
-            self.save()
+        ended_normally = self.stop_signal is None  # the target was reached or the data ran out
+        if self._last_saved_step != self.train_op.step or (ended_normally and loss is not None):
+            self.save(final=ended_normally)  # the same step again only to mark it final, for evaluators
         else:
             self.train_op.flush_numerics_check()
         if self.stop_signal == signal.SIGINT:
