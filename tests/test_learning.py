@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
 
 import pytest
@@ -439,6 +440,8 @@ def test_nan_during_training_raises_and_commits_nothing_after_it(tmp_path):
         ({"train_step_fn": None}, TypeError, "train_step_fn"),
         ({"progress_bar": "yes"}, TypeError, "progress_bar"),
         ({"data": 5}, TypeError, "data"),
+        ({"prefetch": 0}, ValueError, "prefetch"),
+        ({"prefetch": "yes"}, TypeError, "prefetch"),
     ],
 )
 def test_train_rejects_bad_arguments_before_writing_anything(problem, tmp_path, kwargs, error, match):
@@ -469,3 +472,37 @@ def test_gradients_helpers_are_reexported():
     assert learning.clip_gradient_norms is gradients.clip_gradient_norms
     assert learning.multiply_gradients is gradients.multiply_gradients
     assert learning.clip_gradient_norms_fn is gradients.clip_gradient_norms_fn
+
+
+# ---------------------------------------------------------------- prefetching
+
+
+def test_prefetch_keeps_the_data_position_of_the_batches_taken(problem, tmp_path):
+    before = set(threading.enumerate())
+    op = create_train_op(problem.loss, problem.optimizer)
+    train(op, tmp_path, batches(8), number_of_steps=11, prefetch=5)
+    state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path))
+    assert (state["data"]["epoch"], state["data"]["batch"]) == (1, 3)  # not the 5 batches drawn ahead
+    assert set(threading.enumerate()) == before
+
+
+def test_prefetched_data_that_runs_out_stops_cleanly(problem, tmp_path):
+    before = set(threading.enumerate())
+    op = create_train_op(problem.loss, problem.optimizer)
+    train(op, tmp_path, iter(batches(7)), number_of_steps=100, prefetch=True)
+    assert op.step == 7 and checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path)) == 7
+    assert set(threading.enumerate()) == before
+
+
+def test_an_error_in_prefetched_data_reaches_train_and_leaves_no_thread(problem, tmp_path):
+    def broken():
+        yield from batches(3)
+        raise OSError("disk gone")
+
+    before = set(threading.enumerate())
+    op = create_train_op(problem.loss, problem.optimizer)
+    with pytest.raises(OSError, match="disk gone"):
+        train(op, tmp_path, broken(), number_of_steps=100, prefetch=2, save_interval_steps=2)
+    assert op.step == 3
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)] == [2]
+    assert set(threading.enumerate()) == before

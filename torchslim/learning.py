@@ -306,6 +306,7 @@ def train(
     save_interval_secs: float | None = 600,
     save_interval_steps: int | None = None,
     trace_every_n_steps: int | None = None,
+    prefetch: bool | int | None = None,
     progress_bar: bool | None = None,
 ) -> float | None:
     """Run ``train_op`` as a supervised job: restore or init, step, summarize, checkpoint, stop, save.
@@ -338,6 +339,11 @@ def train(
         save_interval_secs: save every this many seconds (``None``: not by time).
         save_interval_steps: save every this many global steps (``None``: not by steps).
         trace_every_n_steps: write a Chrome trace of every n-th step to ``logdir/trace-<step>.json``.
+        prefetch: draw batches in a background thread, this many ahead (``True``: 2),
+            moving them to the model's device. Default: on when the model is on an
+            accelerator, where it overlaps loading and copies with the step; off on
+            the CPU, where a ``DataLoader``'s workers already load in the background
+            and the loop's global RNG stays on one thread (exact resume, see README).
         progress_bar: show one (steps, loss, steps/s, ETA). Default: when stderr is a terminal.
 
     Returns:
@@ -351,7 +357,8 @@ def train(
         number_of_steps=number_of_steps, init_fn=init_fn, summary_op=summary_op,
         save_summaries_secs=save_summaries_secs, save_summaries_steps=save_summaries_steps,
         summary_writer=summary_writer, saver=saver, save_interval_secs=save_interval_secs,
-        save_interval_steps=save_interval_steps, trace_every_n_steps=trace_every_n_steps, progress_bar=progress_bar,
+        save_interval_steps=save_interval_steps, trace_every_n_steps=trace_every_n_steps, prefetch=prefetch,
+        progress_bar=progress_bar,
     )
     kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps, "logdir": config.logdir}
     kwargs.update(train_step_kwargs or {})
@@ -414,6 +421,7 @@ def _run_config(train_op: Any, logdir: Any, data: Any, **a: Any) -> RunConfig:
     if a["progress_bar"] is not None and not isinstance(a["progress_bar"], bool):
         raise TypeError(f"`progress_bar` must be True, False or None (auto), got {a['progress_bar']!r}")
     takes_op = _check_init_fn(a["init_fn"])
+    depth, device = _prefetch_plan(a["prefetch"], train_op)
     return RunConfig(
         logdir=None if logdir is None else os.fspath(logdir),
         number_of_steps=a["number_of_steps"],
@@ -427,7 +435,22 @@ def _run_config(train_op: Any, logdir: Any, data: Any, **a: Any) -> RunConfig:
         summary_op=None if a["summary_op"] in (_DEFAULT, None) else a["summary_op"],
         trace_policy=policies.any_of(policies.every_n_steps(a["trace_every_n_steps"])
                                      if a["trace_every_n_steps"] else None),
+        prefetch_depth=depth,
+        prefetch_device=device,
     )
+
+
+def _prefetch_plan(prefetch: Any, train_op: TrainOp) -> tuple[int, torch.device | None]:
+    """``(depth, device)`` for the background data thread; depth 0 means none."""
+    if prefetch is not None and not isinstance(prefetch, (bool, int)):
+        raise TypeError(f"`prefetch` must be True, False, a positive int (the depth) or None (auto), got {prefetch!r}")
+    if isinstance(prefetch, int) and not isinstance(prefetch, bool) and prefetch < 1:
+        raise ValueError(f"`prefetch` as a depth must be >= 1, got {prefetch!r} (False turns prefetching off)")
+    params = [p for _, p in train_op.named_parameters()]
+    device = params[0].device if params and params[0].device.type != "cpu" else None
+    if prefetch is None:
+        return (2 if device is not None else 0), device
+    return (2 if prefetch is True else int(prefetch)), device
 
 
 def _check_writer(writer: Any) -> summaries.SummaryWriter | None:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from torchslim import checkpoint, summaries
+from torchslim import checkpoint, queues, summaries
 from torchslim._types import Policy
 
 log = logging.getLogger("torchslim")
@@ -98,6 +98,8 @@ class DataStream:
         self._stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
 
     def state_dict(self) -> dict[str, Any]:
+        if self._resume is not None:  # restored but not yet iterated: still at the restored position
+            return dict(self._resume[0])
         state: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch}
         if self._stateful:
             state["loader"] = self.data.state_dict()
@@ -183,6 +185,8 @@ class RunConfig:
     summary_writer: summaries.SummaryWriter | None  # None: the default TensorBoard + metrics.jsonl writer
     summary_op: Callable[[Any], Mapping[str, float]] | None
     trace_policy: Policy
+    prefetch_depth: int  # 0: batches are drawn in the loop's own thread
+    prefetch_device: torch.device | None
 
 
 class Supervisor:
@@ -202,6 +206,7 @@ class Supervisor:
         self._last_summary: tuple[int, float] | None = None
         self._writer: summaries.SummaryWriter = summaries.NullWriter()
         self._trace: Any = None
+        self._prefetcher: queues.Prefetcher | None = None
 
     # ------------------------------------------------------------ start
 
@@ -215,6 +220,9 @@ class Supervisor:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()  # joins the producer thread: none is left behind
+            self._prefetcher = None
         self._restore_signal_handlers()
         if self._bar is not None:
             self._bar.close()
@@ -280,12 +288,27 @@ class Supervisor:
         return n is not None and self.train_op.step >= n
 
     def batches(self) -> Iterator[Any]:
-        """The data, batch by batch, until it runs out (nothing at all if the target is already reached)."""
+        """The data, batch by batch, until it runs out (nothing at all if the target is already reached).
+
+        With prefetching, a background thread draws the batches (and moves them to
+        the device) while the step runs; the data position saved in checkpoints is
+        that of the last batch the loop took, not of those drawn ahead.
+        """
         if self.target_reached():
             log.info("Global step %d already reaches number_of_steps=%d: nothing to train",
                      self.train_op.step, self.config.number_of_steps)
             return iter(())
+        if self.config.prefetch_depth and self.stream.data is not None:
+            self._prefetcher = queues.prefetch(self.stream, self.config.prefetch_depth,
+                                               device=self.config.prefetch_device, position_fn=self.stream.state_dict)
+            return self._prefetcher
         return iter(self.stream)
+
+    def data_position(self) -> dict[str, Any]:
+        """Where the loop stands in the data, for a checkpoint."""
+        if self._prefetcher is not None:
+            return self._prefetcher.position
+        return self.stream.state_dict()
 
     def before_step(self) -> None:
         """Arm what the coming step must record: its summaries, its trace."""
@@ -353,7 +376,7 @@ class Supervisor:
             return
         step = self.train_op.step
         state = self.train_op.state_dict()
-        state["data"] = self.stream.state_dict()
+        state["data"] = self.data_position()
         state["rng"] = capture_rng()
         started = time.monotonic()
         path = self.config.saver.save(state, self.config.logdir, step, final=final)
