@@ -10,7 +10,14 @@ import torch
 
 from torchslim import checkpoint
 from torchslim._types import NonFiniteError
-from torchslim.checkpoint import Saver, latest_checkpoint, list_checkpoints, load, save, step_of
+from torchslim.checkpoint import (
+    Saver,
+    latest_checkpoint,
+    list_checkpoints,
+    load,
+    save,
+    step_of,
+)
 
 
 def names(logdir):

@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchslim.gradients import chain, clip_by_global_norm, clip_gradient_norms, clip_gradient_norms_fn, multiply_gradients
+from torchslim.gradients import (
+    chain,
+    clip_by_global_norm,
+    clip_gradient_norms,
+    clip_gradient_norms_fn,
+    multiply_gradients,
+)
 
 
 def param(*shape: int) -> torch.nn.Parameter:

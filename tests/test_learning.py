@@ -6,11 +6,10 @@ import functools
 import math
 import os
 import threading
-import warnings
 
 import pytest
 import torch
-from conftest import Logistic, batches, logistic_data
+from conftest import Logistic, batches
 
 from torchslim import checkpoint, gradients, learning, losses, variables
 from torchslim.learning import GlobalStep, NonFiniteError, create_train_op, train

@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from torchslim import losses
-from torchslim.losses import collect_losses, get_losses, get_regularization_losses, get_total_loss
+from torchslim.losses import (
+    collect_losses,
+    get_losses,
+    get_regularization_losses,
+    get_total_loss,
+)
 
 
 def close(a: torch.Tensor, b: torch.Tensor | float, atol: float = 1e-6) -> bool:

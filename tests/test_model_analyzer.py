@@ -12,8 +12,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchslim import cli
-from torchslim.model_analyzer import analyze_ops, analyze_vars, profile_ops, tensor_description
-
+from torchslim.model_analyzer import (
+    analyze_ops,
+    analyze_vars,
+    profile_ops,
+    tensor_description,
+)
 
 # --------------------------------------------------------------------- models written for the tests
 

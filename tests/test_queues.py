@@ -15,7 +15,13 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from torchslim.queues import Coordinator, NestedQueueRunnerError, QueueRunner, QueueRunners, prefetch
+from torchslim.queues import (
+    Coordinator,
+    NestedQueueRunnerError,
+    QueueRunner,
+    QueueRunners,
+    prefetch,
+)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from torchslim import checkpoint
-from torchslim.supervisor import DataStream
+from torchslim._data import DataStream
 
 ROOT = Path(__file__).resolve().parents[1]
 

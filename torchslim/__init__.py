@@ -7,9 +7,24 @@ the supervised train loop), :mod:`~torchslim.model_analyzer`, plus
 are also here at the top level.
 """
 
-from torchslim import checkpoint, gradients, learning, losses, model_analyzer, policies, variables
+from torchslim import (
+    checkpoint,
+    gradients,
+    learning,
+    losses,
+    model_analyzer,
+    policies,
+    variables,
+)
 from torchslim.checkpoint import Saver, latest_checkpoint
-from torchslim.learning import GlobalStep, NonFiniteError, TrainOp, create_train_op, register_update_op, train
+from torchslim.learning import (
+    GlobalStep,
+    NonFiniteError,
+    TrainOp,
+    create_train_op,
+    register_update_op,
+    train,
+)
 
 __version__ = "0.1.0"
 

@@ -38,13 +38,18 @@ import torch
 
 from torchslim import checkpoint, gradients, policies, summaries
 from torchslim._trainop import (
-    NO_BATCH,
     TrainOp,
     UpdateOpHandle,
     find_model_state,
     registered_update_ops,
 )
-from torchslim._types import GlobalStep, GradientTransform, NonFiniteError, check_callable, check_positive
+from torchslim._types import (
+    GlobalStep,
+    GradientTransform,
+    NonFiniteError,
+    check_callable,
+    check_positive,
+)
 from torchslim.supervisor import RunConfig, Supervisor
 
 __all__ = [

@@ -22,6 +22,7 @@ torch.Size([])
 from __future__ import annotations
 
 import contextvars
+
 import torch
 import torch.nn.functional as F
 

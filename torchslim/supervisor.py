@@ -21,12 +21,11 @@ around the step lives here:
 from __future__ import annotations
 
 import logging
-import random
+import os
 import signal
 import sys
 import threading
 import time
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,136 +34,10 @@ import torch
 import torch.utils.data
 
 from torchslim import checkpoint, queues, summaries
+from torchslim._data import DataStream, capture_rng
 from torchslim._types import Policy
 
 log = logging.getLogger("torchslim")
-
-
-# ---------------------------------------------------------------- RNG states
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global RNG states: torch (CPU and initialized CUDA devices), Python's ``random``, NumPy's."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
-        state["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Set the global RNG states that :func:`capture_rng` returned."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and "numpy" in state:
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        numpy.random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, gauss))
-
-
-def _loader_generators(data: Any) -> list[torch.Generator]:
-    """Generators a DataLoader draws its shuffle order and worker seeds from, besides the global one."""
-    if not isinstance(data, torch.utils.data.DataLoader):
-        return []
-    found = [getattr(data, "generator", None), getattr(data.sampler, "generator", None)]
-    batch_sampler = getattr(data, "batch_sampler", None)
-    if batch_sampler is not None:
-        found.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
-    unique: list[torch.Generator] = []
-    for g in found:
-        if isinstance(g, torch.Generator) and all(g is not u for u in unique):
-            unique.append(g)
-    return unique
-
-
-# ---------------------------------------------------------------- data
-
-
-class DataStream:
-    """Iterates ``data`` epoch after epoch and knows its position, for exact resume."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = data
-        self.epoch = 0
-        self.batch = 0  # batches handed out in the current epoch
-        self._epoch_rng: dict[str, Any] | None = None
-        self._resume: tuple[dict[str, Any], dict[str, Any] | None] | None = None
-        self._stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._resume is not None:  # restored but not yet iterated: still at the restored position
-            return dict(self._resume[0])
-        state: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch}
-        if self._stateful:
-            state["loader"] = self.data.state_dict()
-        elif self._epoch_rng is not None:
-            state["epoch_rng"] = self._epoch_rng
-        return state
-
-    def load_state_dict(self, state: dict[str, Any], rng_after: dict[str, Any] | None = None) -> None:
-        """Resume at ``state``; ``rng_after`` (the checkpoint's RNG states) is set once the skip is done."""
-        self._resume = (state, rng_after)
-
-    def __iter__(self) -> Iterator[Any]:
-        if self.data is None:
-            while True:
-                yield None
-        while True:
-            it = self._start_epoch()
-            yielded = self.batch > 0
-            for batch in it:
-                self.batch += 1
-                yielded = True
-                yield batch
-            if not yielded or isinstance(self.data, Iterator):
-                return  # an empty epoch or a one-shot iterator: the data has run out
-            self.epoch += 1
-            self.batch = 0
-
-    def _start_epoch(self) -> Iterator[Any]:
-        if self._resume is None:
-            self._epoch_rng = self._capture()
-            return iter(self.data)
-        (state, rng_after), self._resume = self._resume, None
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        if "loader" in state:
-            self.data.load_state_dict(state["loader"])
-            it = iter(self.data)
-        else:
-            self._epoch_rng = state.get("epoch_rng")
-            if self._epoch_rng is not None:
-                self._restore(self._epoch_rng)
-            it = iter(self.data)
-            self._skip(it, self.batch)
-        if rng_after is not None:
-            restore_rng(rng_after)
-        return it
-
-    def _capture(self) -> dict[str, Any]:
-        return {"global": capture_rng(), "loader": [g.get_state() for g in _loader_generators(self.data)]}
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        restore_rng(state["global"])
-        for g, s in zip(_loader_generators(self.data), state["loader"]):
-            g.set_state(s)
-
-    def _skip(self, it: Iterator[Any], n: int) -> None:
-        sampler_iter = getattr(it, "_sampler_iter", None)
-        dataset = getattr(self.data, "dataset", None)
-        if (type(it).__name__ == "_SingleProcessDataLoaderIter" and sampler_iter is not None
-                and not isinstance(dataset, torch.utils.data.IterableDataset)):
-            for _ in range(n):  # advance the index sampler only: no sample is loaded
-                next(sampler_iter)
-            it._num_yielded += n  # type: ignore[attr-defined]
-            return
-        for _ in range(n):
-            next(it)
 
 
 # ---------------------------------------------------------------- the supervisor
