@@ -6,6 +6,9 @@ Subcommands:
 * ``torchslim inspect PATH``: print a checkpoint's tensors and metadata.
 * ``torchslim analyze MODULE:FACTORY --input-shape 1,3,224,224``: print a model's
   variables, the ops of one forward pass, and parameters and FLOPs per module.
+* ``torchslim eval LOGDIR [--watch]``: evaluate a logdir's latest checkpoint (or,
+  with ``--watch``, each new one until training ends) on held-out data, printing
+  the metrics and writing them as summaries into ``LOGDIR/eval``.
 
 Each subcommand is a ``_add_<name>(subparsers)`` function that registers its
 parser and sets ``run``; ``main`` only dispatches. The CLI uses the public API
@@ -17,6 +20,38 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+
+def _load_module(name: str):  # noqa: ANN202 - a module object
+    import importlib
+    import importlib.util
+    import os
+
+    if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"MODULE {name!r} is not a file")
+        spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path:  # as `python -m` would, so that ./models.py is found
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"MODULE {name!r} cannot be imported: {e}") from e
+
+
+def _load_factory(spec: str) -> object:
+    """The callable named by ``MODULE:FACTORY``."""
+    module_name, _, factory_name = spec.rpartition(":")
+    if not module_name or not factory_name:
+        raise ValueError(f"MODULE:FACTORY must name a module and a callable in it, e.g. 'pkg.models:make', "
+                         f"got {spec!r}")
+    factory = getattr(_load_module(module_name), factory_name, None)
+    if not callable(factory):
+        raise ValueError(f"FACTORY {factory_name!r} is not a callable in {module_name!r}, got {factory!r:.80}")
+    return factory
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -84,40 +119,15 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
                    help="torch dtype of the inputs, once for all or once per input (default: float32)")
     p.add_argument("--train-mode", action="store_true", help="analyze in training mode (default: eval mode)")
 
-    def load_module(name: str):  # noqa: ANN202 - a module object
-        import importlib
-        import importlib.util
-        import os
-
-        if name.endswith(".py"):
-            if not os.path.isfile(name):
-                raise FileNotFoundError(f"MODULE {name!r} is not a file")
-            spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        if os.getcwd() not in sys.path:  # as `python -m` would, so that ./models.py is found
-            sys.path.insert(0, os.getcwd())
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            raise ValueError(f"MODULE {name!r} cannot be imported: {e}") from e
-
     def run(args: argparse.Namespace) -> int:
         import torch
 
         from torchslim import model_analyzer
 
-        module_name, _, factory_name = args.factory.rpartition(":")
-        if not module_name or not factory_name:
-            raise ValueError(f"MODULE:FACTORY must name a module and a callable in it, e.g. 'pkg.models:make', "
-                             f"got {args.factory!r}")
-        factory = getattr(load_module(module_name), factory_name, None)
-        if not callable(factory):
-            raise ValueError(f"FACTORY {factory_name!r} is not a callable in {module_name!r}, got {factory!r:.80}")
-        model = factory()
+        model = _load_factory(args.factory)()
         if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"FACTORY {factory_name!r} must return a torch.nn.Module, got {type(model).__name__}")
+            raise ValueError(f"FACTORY {args.factory.rpartition(':')[2]!r} must return a torch.nn.Module, "
+                             f"got {type(model).__name__}")
         shapes, names = args.input_shape, args.dtype or ["float32"]
         dtypes = [getattr(torch, n, None) for n in (names * len(shapes) if len(names) == 1 else names)]
         if len(dtypes) != len(shapes) or not all(isinstance(d, torch.dtype) for d in dtypes):
@@ -135,10 +145,79 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a logdir's checkpoints on held-out data",
+        description="Evaluate the latest checkpoint in LOGDIR (or, with --watch, each new one as training "
+        "commits it, until the run's final checkpoint) and print the metrics; they are also written as "
+        "summaries into LOGDIR/eval, beside the training curves in TensorBoard. The model and data default "
+        "to the digits demo's; --model/--data name factories (MODULE:FACTORY) for others, evaluated for "
+        "accuracy over (inputs, labels) batches.",
+    )
+    p.add_argument("logdir", metavar="LOGDIR")
+    p.add_argument("--watch", action="store_true", help="keep evaluating new checkpoints until training ends")
+    p.add_argument("--every-checkpoint", action="store_true", help="with --watch: evaluate every checkpoint, in order")
+    p.add_argument("--interval", type=float, default=0.0, metavar="SECS",
+                   help="with --watch: at most one evaluation per SECS (default: %(default)s)")
+    p.add_argument("--timeout", type=float, metavar="SECS",
+                   help="with --watch: also stop after SECS without a new checkpoint")
+    p.add_argument("--model", metavar="MODULE:FACTORY", help="the model (default: the digits demo's CNN)")
+    p.add_argument("--data", metavar="MODULE:FACTORY", help="the batches (default: the demo's held-out digits)")
+
+    def run(args: argparse.Namespace) -> int:
+        import os
+
+        import torch
+
+        from torchslim import checkpoint, demo, evaluation, summaries
+
+        if not args.watch and checkpoint.latest_checkpoint(args.logdir) is None:
+            raise ValueError(f"LOGDIR {args.logdir!r} holds no checkpoint (use --watch to wait for one)")
+        model = _load_factory(args.model)() if args.model else demo.make_model()
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--model {args.model!r} must return a torch.nn.Module, got {type(model).__name__}")
+        data = _load_factory(args.data)() if args.data else demo.held_out_data()
+        metrics = {"accuracy": demo.accuracy} if args.model or args.data else demo.eval_metrics()
+
+        class Printer(summaries.NullWriter):  # one line per evaluation: the scalars of its global step
+            def __init__(self) -> None:
+                self.step, self.scalars = None, {}
+
+            def add_scalar(self, tag: str, value: float, step: int) -> None:
+                self.step, self.scalars[tag] = step, value
+
+            def flush(self) -> None:
+                if self.scalars:
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in self.scalars.items())
+                    print(f"global step {self.step}: {shown}", flush=True)
+                self.scalars = {}
+
+        eval_dir = os.path.join(args.logdir, "eval")
+        writer = summaries.MultiWriter(summaries.TensorBoardWriter(eval_dir),
+                                       summaries.JsonlWriter(os.path.join(eval_dir, "metrics.jsonl")), Printer())
+        try:
+            if not args.watch:
+                evaluation.evaluate_once(checkpoint.latest_checkpoint(args.logdir), eval_dir, model, data,
+                                         metrics=metrics, summary_writer=writer)
+                return 0
+            finished = evaluation.stop_when_training_ends(args.logdir)
+            evaluation.evaluation_loop(
+                args.logdir, eval_dir, model, data, metrics=metrics, summary_writer=writer,
+                eval_interval_secs=args.interval, every_checkpoint=args.every_checkpoint,
+                timeout=2.0 if args.timeout is None else args.timeout,
+                timeout_fn=lambda: finished() or args.timeout is not None)
+            return 0
+        finally:
+            writer.close()
+
+    p.set_defaults(run=run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchslim", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_inspect, _add_analyze):
+    for add in (_add_demo, _add_inspect, _add_analyze, _add_eval):
         add(subparsers)
     args = parser.parse_args(argv)
     try:
