@@ -71,8 +71,9 @@ def _loader_generators(data: Any) -> list[torch.Generator]:
 class DataStream:
     """Iterates ``data`` epoch after epoch and knows its position, for exact resume."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, shard: tuple[int, int] = (0, 1)) -> None:
         self.data = data
+        self.shard = shard  # (rank, world_size): take the batches whose index is rank modulo world_size
         self.epoch = 0
         self.batch = 0  # batches handed out in the current epoch
         self._epoch_rng: dict[str, Any] | None = None
@@ -100,14 +101,33 @@ class DataStream:
         while True:
             it = self._start_epoch()
             yielded = self.batch > 0
-            for batch in it:
-                self.batch += 1
+            for batch in (it if self.shard[1] == 1 else self._sharded(it)):
+                if self.shard[1] == 1:
+                    self.batch += 1
                 yielded = True
                 yield batch
             if not yielded or isinstance(self.data, Iterator):
                 return  # an empty epoch or a one-shot iterator: the data has run out
             self.epoch += 1
             self.batch = 0
+
+    def _sharded(self, it: Iterator[Any]) -> Iterator[Any]:
+        """This process's batches of the epoch; the epoch is cut to a multiple of world_size batches.
+
+        Batches go in rounds of ``world_size``, one to each process; the position
+        moves a whole round at a time, so it reads the same on every process.
+        """
+        rank, world = self.shard
+        usable = len(self.data) // world * world
+        while self.batch + world <= usable:
+            try:
+                self._skip(it, rank)
+                batch = next(it)
+                self._skip(it, world - rank - 1)
+            except StopIteration:
+                return
+            self.batch += world
+            yield batch
 
     def _start_epoch(self) -> Iterator[Any]:
         if self._resume is None:

@@ -140,6 +140,8 @@ class TrainOp:
         # Set by the train loop on steps whose summaries are due: keep that step's losses.
         self.record_losses = False
         self.last_losses: losses.LossCollection | None = None
+        # Set by the train loop in a run over several processes: averages the gradients.
+        self.gradient_sync: Callable[[], None] | None = None
         self._state = dict(state)
         self._all_params = [p for g in optimizer.param_groups for p in g["params"]]
         self._trained = params_to_train if params_to_train is not None else [p for p in self._all_params if p.requires_grad]
@@ -165,6 +167,8 @@ class TrainOp:
             loss.backward()
         else:
             loss.backward(inputs=self._backward_inputs)
+        if self.gradient_sync is not None:
+            self.gradient_sync()
         if self.transform is not None:
             for grad, param in self.transform([(p.grad, p) for p in self._trained]):
                 param.grad = grad
@@ -174,7 +178,7 @@ class TrainOp:
         for op in self.update_ops:
             op()
         if self.global_step is not None:
-            self.global_step.value += 1
+            self.global_step.increment()
         return loss.detach()
 
     def _first_step_checks(self, loss: object) -> None:
@@ -242,6 +246,11 @@ class TrainOp:
     def _prefixed(self, name: str, key: str) -> str:
         # One model: plain state_dict names. Several: prefixed by the variable that holds each.
         return key if len(self._state) == 1 or not name else f"{name}.{key}"
+
+    @property
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """The parameters this op updates."""
+        return list(self._trained)
 
     def grads_and_vars(self) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         """The ``(gradient, parameter)`` pairs of the last step, for the parameters this op trains."""

@@ -51,6 +51,9 @@ class GlobalStep:
             raise ValueError(f"GlobalStep value must be a non-negative int, got {value!r}")
         self.value = value
 
+    def increment(self) -> None:
+        self.value += 1
+
     def state_dict(self) -> dict[str, Any]:
         return {"global_step": self.value}
 

@@ -31,12 +31,13 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 import torch
+import torch.utils.data.distributed
 
-from torchslim import checkpoint, gradients, policies, summaries
+from torchslim import checkpoint, distributed, gradients, policies, summaries
 from torchslim._trainop import (
     TrainOp,
     UpdateOpHandle,
@@ -313,6 +314,12 @@ def train(
     trace_every_n_steps: int | None = None,
     prefetch: bool | int | None = None,
     progress_bar: bool | None = None,
+    master: str | None = None,
+    is_chief: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    sync_optimizer: bool | None = None,
+    startup_delay_steps: int = 0,
 ) -> float | None:
     """Run ``train_op`` as a supervised job: restore or init, step, summarize, checkpoint, stop, save.
 
@@ -350,6 +357,18 @@ def train(
             the CPU, where a ``DataLoader``'s workers already load in the background
             and the loop's global RNG stays on one thread (exact resume, see README).
         progress_bar: show one (steps, loss, steps/s, ETA). Default: when stderr is a terminal.
+        master: the address of the process group (``"tcp://10.0.0.1:29500"``), with
+            ``rank`` and ``world_size``; not needed under ``torchrun``, whose
+            environment says all three. See :mod:`torchslim.distributed`.
+        is_chief: whether this process checkpoints and summarizes (default: rank 0).
+        rank: this process's rank (default: ``$RANK``, or 0).
+        world_size: the number of processes (default: ``$WORLD_SIZE``, or 1).
+        sync_optimizer: ``None``/``True``: synchronous updates (gradients averaged
+            every step). ``False``: asynchronous updates, as the original without a
+            sync optimizer: ``world_size`` processes forked on this machine update
+            the shared parameters without waiting for each other (CPU only).
+        startup_delay_steps: asynchronous mode only: non-chief workers wait until
+            the global step reaches this before they start.
 
     Returns:
         The last loss as a float, or ``None`` if no step was taken.
@@ -363,18 +382,61 @@ def train(
         save_summaries_secs=save_summaries_secs, save_summaries_steps=save_summaries_steps,
         summary_writer=summary_writer, saver=saver, save_interval_secs=save_interval_secs,
         save_interval_steps=save_interval_steps, trace_every_n_steps=trace_every_n_steps, prefetch=prefetch,
-        progress_bar=progress_bar,
+        progress_bar=progress_bar, master=master, is_chief=is_chief, rank=rank, world_size=world_size,
+        sync_optimizer=sync_optimizer, startup_delay_steps=startup_delay_steps,
     )
+    if config.asynchronous:
+        return _train_async(train_op, data, config, train_step_fn, train_step_kwargs, startup_delay_steps)
     kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps, "logdir": config.logdir}
     kwargs.update(train_step_kwargs or {})
     loss = None
-    with Supervisor(train_op, data, config) as sv:
+    with Supervisor(train_op, data, config) as sv, distributed.naming_the_rank(config.cluster):
         sv.restore_or_initialize()
         for batch in sv.batches():
             sv.before_step()
             loss, should_stop = train_step_fn(train_op, batch, kwargs)
             if sv.after_step(loss) or should_stop:
                 break
+        sv.finish(loss)
+    return None if loss is None else float(loss)
+
+
+def _train_async(train_op: TrainOp, data: Any, config: RunConfig, train_step_fn: Callable[..., Any],
+                 train_step_kwargs: Mapping[str, Any] | None, startup_delay_steps: int) -> float | None:
+    """Hogwild: ``world_size`` processes on this machine update shared parameters without waiting for each other.
+
+    This process is the chief (worker 0): it restores, trains, checkpoints and
+    summarizes. The others are forked after the restore, train on their own shard
+    of the data, and stop when the chief does (target reached, data exhausted, signal).
+    """
+    kwargs = {"number_of_steps": config.number_of_steps, "log_every_n_steps": 1 << 62, "logdir": config.logdir,
+              **(train_step_kwargs or {})}
+    own_step = train_op.global_step
+    stop = distributed.fork_context().Event()
+    with Supervisor(train_op, data, config) as sv:
+        sv.restore_or_initialize()
+        train_op.global_step = distributed.share_for_workers(train_op)
+
+        def run(index: int) -> torch.Tensor | None:
+            if index:
+                distributed.async_worker_loop(train_op, data, index, config.cluster.world_size, train_step_fn,
+                                              kwargs, startup_delay_steps, stop)
+                return None
+            loss = None
+            try:
+                for batch in sv.batches():
+                    sv.before_step()
+                    loss, should_stop = train_step_fn(train_op, batch, kwargs)
+                    if sv.after_step(loss) or should_stop:
+                        break
+            finally:
+                stop.set()
+            return loss
+
+        try:
+            loss = distributed.hogwild(run, config.cluster.world_size)
+        finally:
+            own_step.value, train_op.global_step = train_op.step, own_step
         sv.finish(loss)
     return None if loss is None else float(loss)
 
@@ -427,6 +489,7 @@ def _run_config(train_op: Any, logdir: Any, data: Any, **a: Any) -> RunConfig:
         raise TypeError(f"`progress_bar` must be True, False or None (auto), got {a['progress_bar']!r}")
     takes_op = _check_init_fn(a["init_fn"])
     depth, device = _prefetch_plan(a["prefetch"], train_op)
+    cluster, asynchronous = _cluster(a, data, device)
     return RunConfig(
         logdir=None if logdir is None else os.fspath(logdir),
         number_of_steps=a["number_of_steps"],
@@ -442,7 +505,45 @@ def _run_config(train_op: Any, logdir: Any, data: Any, **a: Any) -> RunConfig:
                                      if a["trace_every_n_steps"] else None),
         prefetch_depth=depth,
         prefetch_device=device,
+        cluster=cluster,
+        shard_data=cluster.world_size > 1 and data is not None and not _sharded_already(data),
+        asynchronous=asynchronous,
     )
+
+
+def _cluster(a: Mapping[str, Any], data: Any, device: torch.device | None) -> tuple[distributed.Cluster, bool]:
+    """This process's place in the run, and whether updates are asynchronous; checks the rules that tie them."""
+    sync = a["sync_optimizer"]
+    if sync is not None and not isinstance(sync, bool):
+        raise TypeError(f"`sync_optimizer` must be True, False or None, got {sync!r}")
+    delay = a["startup_delay_steps"]
+    if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+        raise ValueError(f"`startup_delay_steps` must be an int >= 0, got {delay!r}")
+    if sync is not False and delay:
+        raise ValueError(f"`startup_delay_steps`={delay} applies to asynchronous updates only; it must be 0 "
+                         "with synchronous ones (sync_optimizer=None or True)")
+    if sync is False:
+        return _async_cluster(a, device), True
+    cluster = distributed.resolve_cluster(a["master"], a["rank"], a["world_size"], a["is_chief"])
+    if cluster.active and data is not None and not isinstance(data, Sized) and not _sharded_already(data):
+        raise ValueError("in a run over several processes `data` must have a len() (e.g. a DataLoader), so that "
+                         f"every process takes the same number of steps; got a {type(data).__name__}")
+    return cluster, False
+
+
+def _async_cluster(a: Mapping[str, Any], device: torch.device | None) -> distributed.Cluster:
+    if a["master"] is not None:
+        raise ValueError("asynchronous updates (sync_optimizer=False) share memory on one machine: `master` must be None")
+    world_size = a["world_size"]
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"asynchronous updates need `world_size`, the number of worker processes, got {world_size!r}")
+    if device is not None:
+        raise ValueError(f"asynchronous updates fork processes that share CPU memory; the model is on {device}")
+    return distributed.Cluster(0, world_size, True)
+
+
+def _sharded_already(data: Any) -> bool:
+    return isinstance(getattr(data, "sampler", None), torch.utils.data.distributed.DistributedSampler)
 
 
 def _prefetch_plan(prefetch: Any, train_op: TrainOp) -> tuple[int, torch.device | None]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from torchslim import checkpoint, queues, summaries
+from torchslim import checkpoint, distributed, queues, summaries
 from torchslim._data import DataStream, capture_rng
 from torchslim._types import Policy
 
@@ -60,6 +60,9 @@ class RunConfig:
     trace_policy: Policy
     prefetch_depth: int  # 0: batches are drawn in the loop's own thread
     prefetch_device: torch.device | None
+    cluster: distributed.Cluster = distributed.Cluster()
+    shard_data: bool = False
+    asynchronous: bool = False
 
 
 class Supervisor:
@@ -68,7 +71,12 @@ class Supervisor:
     def __init__(self, train_op: Any, data: Any, config: RunConfig) -> None:
         self.train_op = train_op
         self.config = config
-        self.stream = DataStream(data)
+        cluster = config.cluster
+        self.stream = DataStream(data, (cluster.rank, cluster.world_size) if config.shard_data else (0, 1))
+        self.is_chief = cluster.is_chief
+        self._created_group = False
+        self._averager: distributed.GradientAverager | None = None
+        self._stopped_together = False  # a stop agreed with the other processes of the group
         self.stop_signal: int | None = None
         self._last_saved_step: int | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -90,6 +98,8 @@ class Supervisor:
         self._collecting = summaries.collecting(self.summaries)
         self._collecting.__enter__()
         self._writer = self._open_writer()
+        if not self.config.asynchronous:
+            self._created_group = distributed.start(self.config.cluster, self.config.prefetch_device)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -108,6 +118,11 @@ class Supervisor:
         else:
             self._writer.flush()
         self._collecting.__exit__(None, None, None)
+        if self._averager is not None:
+            self.train_op.gradient_sync = None
+            self._averager = None
+        distributed.stop(self._created_group)
+        self._created_group = False
 
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._previous_handlers.items():
@@ -115,6 +130,8 @@ class Supervisor:
         self._previous_handlers.clear()
 
     def _open_writer(self) -> summaries.SummaryWriter:
+        if not self.is_chief:
+            return summaries.NullWriter()
         if self.config.summary_writer is not None:
             return self.config.summary_writer
         if self.config.logdir is None:
@@ -129,10 +146,24 @@ class Supervisor:
         log.warning("Received %s: stopping after this step and saving a final checkpoint",
                     signal.Signals(signum).name)
 
-    def restore_or_initialize(self) -> None:
+    def _find_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
+        """The newest readable checkpoint; in a group, the one the chief found, loaded by every process."""
         restored = None
-        if self.config.logdir is not None and self.config.saver is not None:
-            restored = self.config.saver.restore_latest(self.config.logdir)
+        if self.config.logdir is not None and (self.is_chief or not self.config.cluster.active):
+            restored = (self.config.saver or checkpoint.Saver()).restore_latest(self.config.logdir)
+        if not self.config.cluster.active or self.config.asynchronous:
+            return restored
+        path = distributed.broadcast_object(restored[0] if restored else None)
+        if path is None or restored is not None:
+            return restored
+        return path, checkpoint.load(path)
+
+    def restore_or_initialize(self) -> None:
+        cluster = self.config.cluster
+        group = cluster.active and not self.config.asynchronous
+        if group:
+            distributed.give_shuffle_a_shared_generator(self.stream.data)
+        restored = self._find_checkpoint()
         if restored is not None:
             path, state = restored
             self.train_op.load_state_dict(state)
@@ -145,10 +176,15 @@ class Supervisor:
                 self.config.init_fn(self.train_op)
             else:
                 self.config.init_fn()
+        if group:
+            if restored is None:  # every process starts from the chief's weights
+                distributed.broadcast_tensors(list(self.train_op.model_variables().values()))
+            self._averager = distributed.GradientAverager(self.train_op.trained_parameters, cluster.world_size)
+            self.train_op.gradient_sync = self._averager
         self._start_progress_bar()
 
     def _start_progress_bar(self) -> None:
-        if self.config.progress_bar:
+        if self.config.progress_bar and self.is_chief:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.config.number_of_steps, initial=self.train_op.step, unit="step",
@@ -189,7 +225,7 @@ class Supervisor:
         due = self.config.summary_policy.should_trigger(step)
         self._summaries_due = self.train_op.record_losses = due
         self.summaries.begin_step(recording=due)
-        if self.config.trace_policy.should_trigger(step):
+        if self.config.trace_policy.should_trigger(step) and self.is_chief:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -210,7 +246,18 @@ class Supervisor:
                 self._bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # host sync, every 10 steps
         if self.config.save_policy.should_trigger(step):
             self.save()
+        if self._averager is not None:
+            # In a group, stop only together: the request travels with the next step's gradients.
+            self._averager.wants_stop = self.stop_signal is not None
+            return self._stop_agreed(step)
         return self.stop_signal is not None
+
+    def _stop_agreed(self, step: int) -> bool:
+        # Reading the vote is free on the CPU; on an accelerator it is read every 16 steps, by all alike.
+        if self.config.prefetch_device is not None and step % 16:
+            return False
+        self._stopped_together = self._averager.stop_agreed()
+        return self._stopped_together
 
     def _write_trace(self, step: int) -> None:
         trace, self._trace = self._trace, None
@@ -245,7 +292,7 @@ class Supervisor:
     def save(self, final: bool = False) -> None:
         """Commit a checkpoint of the whole run at the current global step (chief only, when a logdir is set)."""
         self.train_op.flush_numerics_check()
-        if self.config.logdir is None or self.config.saver is None:
+        if self.config.logdir is None or self.config.saver is None or not self.is_chief:
             return
         step = self.train_op.step
         state = self.train_op.state_dict()
@@ -262,7 +309,7 @@ class Supervisor:
         """The final summaries and checkpoint (unless already written at this step), then re-deliver a stop signal."""
         if loss is not None and (self._last_summary is None or self._last_summary[0] != self.train_op.step):
             self.write_summaries(loss)
-        ended_normally = self.stop_signal is None  # the target was reached or the data ran out
+        ended_normally = self.stop_signal is None and not self._stopped_together  # target reached or data ran out
         if self._last_saved_step != self.train_op.step or (ended_normally and loss is not None):
             self.save(final=ended_normally)  # the same step again only to mark it final, for evaluators
         else:

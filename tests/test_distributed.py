@@ -1,0 +1,235 @@
+"""Several processes on loopback: torchrun, explicit master, failures, and asynchronous workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchslim import checkpoint, losses
+from torchslim.learning import create_train_op, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# One script for every multi-process test. argv: logdir target batch_size [options as KEY=VALUE]
+SCRIPT = textwrap.dedent('''
+    import os, sys, time
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from safetensors.torch import save_file
+    from torchslim import learning, losses
+
+    logdir, target, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    opts = dict(a.split("=", 1) for a in sys.argv[4:])
+    rank = int(os.environ.get("RANK", opts.get("rank", 0)))
+    torch.manual_seed(100 + rank)  # different on purpose: train() must make the processes start equal
+    g = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randn(512, 8, generator=g), torch.randint(0, 3, (512,), generator=g)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle="shuffle" in opts)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+
+    def total_loss(batch):
+        step = op.step
+        if opts.get("kill_rank") == str(rank) and step == int(opts["kill_at"]) and not restarted:
+            os.kill(os.getpid(), 9)
+        if opts.get("raise_rank") == str(rank) and step == int(opts["raise_at"]):
+            raise ValueError(f"bad batch at step {step}")
+        if opts.get("mark_at") and step == int(opts["mark_at"]):
+            open(f"{logdir}.rank{rank}.mark", "w").close()
+        if opts.get("slow"):
+            time.sleep(float(opts["slow"]))
+        x, y = batch
+        losses.sparse_softmax_cross_entropy(model(x), y)
+        return losses.get_total_loss()
+
+    op = learning.create_train_op(total_loss, optimizer)
+    kwargs = {k: int(opts[k]) for k in ("rank", "world_size") if k in opts}
+    learning.train(op, logdir, loader, number_of_steps=target, save_interval_steps=int(opts.get("save_every", 10)),
+                   save_summaries_steps=5, master=opts.get("master"), progress_bar=False, **kwargs)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{logdir}.rank{rank}.safetensors")
+    print(f"rank {rank} done at step {op.step}", flush=True)
+''')
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def script(tmp_path: Path) -> str:
+    path = tmp_path / "job.py"
+    path.write_text(SCRIPT)
+    return str(path)
+
+
+def torchrun(tmp_path, logdir, target, batch, *opts, nproc=2, extra=(), timeout=120):
+    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *extra, script(tmp_path), str(logdir), str(target),
+           str(batch), *opts]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def explicit(tmp_path, logdir, target, *opts):
+    """Two processes joined through master= with explicit rank and world_size (no torchrun)."""
+    master = f"tcp://127.0.0.1:{free_port()}"
+    return [subprocess.Popen([sys.executable, script(tmp_path), str(logdir), str(target), "32", f"master={master}",
+                              f"rank={r}", "world_size=2", *opts], env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+
+def weights(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_two_processes_of_batch_32_match_one_process_of_batch_64(tmp_path):
+    single = subprocess.run([sys.executable, script(tmp_path), str(tmp_path / "one"), "24", "64"], env=env(),
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    pair = torchrun(tmp_path, tmp_path / "two", 24, 32)
+    assert pair.returncode == 0, pair.stderr
+    one, rank0, rank1 = (weights(f"{tmp_path}/{n}.safetensors") for n in ("one.rank0", "two.rank0", "two.rank1"))
+    for name in one:
+        assert torch.equal(rank0[name], rank1[name]), f"{name}: the two processes differ"
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-5, atol=1e-6)
+    # Only the chief wrote: one event file, checkpoints at the chief's steps.
+    events = [n for n in os.listdir(tmp_path / "two") if n.startswith("events")]
+    assert len(events) == 1
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path / "two")] == [10, 20, 24]
+
+
+def test_a_shuffled_loader_is_split_not_duplicated_and_a_resume_restores_every_process(tmp_path):
+    first = torchrun(tmp_path, tmp_path / "run", 10, 32, "shuffle=1")
+    assert first.returncode == 0, first.stderr
+    again = torchrun(tmp_path, tmp_path / "run", 20, 32, "shuffle=1")
+    assert again.returncode == 0, again.stderr
+    rank0, rank1 = (weights(f"{tmp_path}/run.rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "run"))
+    assert state["global_step"] == 20
+    assert (state["data"]["epoch"], state["data"]["batch"]) == (2, 8)  # 16 batches of 32 per epoch, 2 per step
+
+
+def test_torchrun_restarts_after_kill_9_and_resumes_to_the_target(tmp_path):
+    result = torchrun(tmp_path, tmp_path / "run", 30, 32, "kill_rank=1", "kill_at=15", extra=["--max-restarts=1"])
+    assert result.returncode == 0, result.stderr
+    assert "rank 0 done at step 30" in result.stdout and "rank 1 done at step 30" in result.stdout
+    assert "failed (exitcode: -9) local_rank: 1" in result.stderr  # torchrun saw the kill, then restarted the group
+    latest = checkpoint.latest_checkpoint(tmp_path / "run")
+    assert checkpoint.step_of(latest) == 30 and checkpoint.read_metadata(latest)["final"] is True
+
+
+def test_an_exception_on_one_rank_ends_every_rank_naming_it(tmp_path):
+    procs = explicit(tmp_path, tmp_path / "run", 40, "raise_rank=1", "raise_at=5")
+    started = time.monotonic()
+    outputs = [p.communicate(timeout=90) for p in procs]
+    assert time.monotonic() - started < 60
+    assert all(p.returncode != 0 for p in procs)
+    err0, err1 = outputs[0][1], outputs[1][1]
+    assert "ValueError: bad batch at step 5" in err1 and "raised on rank 1 of 2" in err1
+    assert "rank 0 of 2" in err0 and "another process has probably died" in err0
+
+
+def test_a_signal_to_one_rank_stops_all_at_the_same_step(tmp_path):
+    logdir = tmp_path / "run"
+    procs = explicit(tmp_path, logdir, 10_000, "mark_at=5", "slow=0.01", "save_every=100000")
+    deadline = time.monotonic() + 60
+    while not Path(f"{logdir}.rank1.mark").exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert procs[1].returncode == -signal.SIGTERM
+    assert procs[0].returncode == 0, outputs[0][1]
+    step = int(outputs[0][0].split("done at step ")[1])
+    latest = checkpoint.latest_checkpoint(logdir)
+    assert checkpoint.step_of(latest) == step and checkpoint.read_metadata(latest)["final"] is False
+    # Rank 1 ended by its re-delivered SIGTERM inside train(), so it never got to write its weights file.
+    assert Path(f"{logdir}.rank0.safetensors").exists() and not Path(f"{logdir}.rank1.safetensors").exists()
+
+
+# ---------------------------------------------------------------- asynchronous
+
+
+def logistic():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(512, 4, generator=g)
+    labels = (inputs @ torch.tensor([1.0, -2.0, 0.5, 1.5]) > 0).float()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=16)
+
+
+def test_asynchronous_workers_converge_and_the_global_step_counts_them_all(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    chief_steps = []
+
+    def total_loss(batch):
+        chief_steps.append(1)  # a list of this process: the workers' appends stay in their own copies
+        time.sleep(0.002)
+        losses.sigmoid_cross_entropy(model(batch[0]).squeeze(1), batch[1])
+        return losses.get_total_loss()
+
+    op = create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.5))
+    loss = train(op, tmp_path, logistic(), number_of_steps=300, sync_optimizer=False, world_size=3,
+                 save_summaries_steps=50)
+    assert op.step >= 300 and checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path)) == op.step
+    assert len(chief_steps) < 250  # the other two workers did a good share of the 300 updates
+    assert loss < 0.3
+    with torch.no_grad():
+        inputs, labels = logistic().dataset.tensors
+        accuracy = ((model(inputs).squeeze(1) > 0).float() == labels).float().mean().item()
+    assert accuracy > 0.95
+
+
+def test_startup_delay_steps_holds_the_workers_back(tmp_path):
+    import multiprocessing
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    first_worker_step = multiprocessing.get_context("fork").Value("q", -1)
+    chief = os.getpid()
+
+    def total_loss(batch):
+        if os.getpid() != chief and first_worker_step.value < 0:
+            first_worker_step.value = op.step
+        losses.sigmoid_cross_entropy(model(batch[0]).squeeze(1), batch[1])
+        return losses.get_total_loss()
+
+    op = create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.5))
+    train(op, tmp_path, logistic(), number_of_steps=120, sync_optimizer=False, world_size=2, startup_delay_steps=60)
+    assert first_worker_step.value >= 60
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"startup_delay_steps": 5}, ValueError, "startup_delay_steps.*must be 0"),
+    ({"sync_optimizer": "yes"}, TypeError, "sync_optimizer"),
+    ({"master": "tcp://127.0.0.1:1"}, ValueError, "needs `rank` and `world_size`"),
+    ({"master": "tcp://127.0.0.1:1", "rank": 2, "world_size": 2}, ValueError, r"rank.*\[0, world_size\)"),
+    ({"master": "tcp://127.0.0.1:1", "rank": 0, "world_size": 2, "data": iter([1])}, ValueError, "len()"),
+    ({"sync_optimizer": False}, ValueError, "world_size"),
+    ({"sync_optimizer": False, "world_size": 2, "master": "tcp://h:1"}, ValueError, "master"),
+    ({"is_chief": "yes"}, TypeError, "is_chief"),
+])
+def test_distributed_arguments_are_checked_before_anything_starts(tmp_path, kwargs, error, match):
+    model = torch.nn.Linear(4, 1)
+    op = create_train_op(lambda b: model(b[0]).mean(), torch.optim.SGD(model.parameters(), lr=0.1))
+    kwargs = {"data": logistic(), **kwargs}
+    with pytest.raises(error, match=match):
+        train(op, tmp_path / "run", number_of_steps=5, **kwargs)
+    assert not (tmp_path / "run").exists()
