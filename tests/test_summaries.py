@@ -320,3 +320,21 @@ def test_tensorboard_server_serves_the_loss_series(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_histograms_read_back_with_their_statistics(tmp_path):
+    collection = SummaryCollection()
+    values = torch.tensor([0.0, 1.0, 2.0, 3.0, float("nan")])
+    with collecting(collection):
+        add_histogram_summary(values, "h")
+        add_histogram_summary(torch.full((3,), 2.0), "flat")
+    writer = TensorBoardWriter(tmp_path, buckets=3)
+    write_summaries(collection, writer, 4)
+    writer.close()
+    acc = events(tmp_path)
+    (event,) = acc.Histograms("h")
+    h = event.histogram_value
+    assert event.step == 4 and (h.min, h.max, h.num, h.sum, h.sum_squares) == (0.0, 3.0, 4, 6.0, 14.0)
+    assert sum(h.bucket) == 4 and h.bucket_limit[-1] == pytest.approx(3.0)
+    (flat,) = acc.Histograms("flat")
+    assert (flat.histogram_value.num, list(flat.histogram_value.bucket)) == (3, [3.0])

@@ -199,32 +199,39 @@ def _groups(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
 class GradientAverager:
     """Averages gradients across processes after each backward pass; carries the stop vote along.
 
-    One all-reduce per (device, dtype) group of gradients. The first floating-point
-    group gets one extra element: each process's wish to stop (a signal), summed,
+    One all-reduce per (device, dtype) group of parameters, over a flat buffer
+    made once: each step copies the gradients in, reduces, scales, and leaves
+    every ``param.grad`` a view into the buffer (no copy back). The first group's
+    buffer has one extra element: each process's wish to stop (a signal), summed,
     so that every process learns of any stop request in the same step.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], world_size: int) -> None:
-        self.params = list(params)
         self.world_size = world_size
         self.wants_stop = False
-        self.peers_stop = torch.zeros(())  # the summed votes of the last step
+        self.groups = _groups(list(params))
+        self.buffers = [torch.empty(sum(p.numel() for p in g) + (i == 0), dtype=g[0].dtype, device=g[0].device)
+                        for i, g in enumerate(self.groups)]
+        self.peers_stop = self.buffers[0][-1:]  # the summed votes of the last step
 
     def __call__(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for i, group in enumerate(_groups(grads)):
-            flat = torch._utils._flatten_dense_tensors(group)
-            if i == 0:  # the stop vote rides along with the first group
-                vote = torch.full((1,), float(self.wants_stop), dtype=flat.dtype, device=flat.device)
-                flat = torch.cat([flat, vote])
-            dist.all_reduce(flat)
-            if i == 0:
-                flat, self.peers_stop = flat[:-1], flat[-1]
-            flat.div_(self.world_size)
-            for g, value in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
-                g.copy_(value)
-        for p, g in zip(self.params, grads):
-            p.grad = g
+        with torch.no_grad():
+            for i, (group, flat) in enumerate(zip(self.groups, self.buffers)):
+                offset, views = 0, []
+                for p in group:
+                    view = flat[offset:offset + p.numel()].view_as(p)
+                    if p.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(p.grad)
+                    views.append(view)
+                    offset += p.numel()
+                if i == 0:  # the stop vote rides along with the first group
+                    flat[-1] = float(self.wants_stop)
+                dist.all_reduce(flat)
+                flat[:offset].div_(self.world_size)
+                for p, view in zip(group, views):
+                    p.grad = view
 
     def stop_agreed(self) -> bool:
         """Whether any process asked to stop in the last step (a host read of one number)."""

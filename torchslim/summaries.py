@@ -101,28 +101,67 @@ class NullWriter:
 
 
 class TensorBoardWriter(NullWriter):
-    """TensorBoard event files in ``logdir``, through ``torch.utils.tensorboard``."""
+    """TensorBoard event files in ``logdir``, through ``torch.utils.tensorboard``, written off the training thread.
 
-    def __init__(self, logdir: str | os.PathLike, flush_secs: int = 30) -> None:
+    The calling thread only snapshots the values (a copy, since the next step
+    changes the weights); one background thread computes histograms (with torch,
+    ``buckets`` equal-width buckets, far cheaper than NumPy's exponential
+    buckets on large tensors), encodes images and writes, in call order. Errors
+    of the background thread are raised by the next call.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, flush_secs: int = 30, buckets: int = 30) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from torch.utils.tensorboard import SummaryWriter as _TorchWriter
 
         self.logdir = os.fspath(logdir)
+        self.buckets = buckets
         self._writer = _TorchWriter(self.logdir, flush_secs=flush_secs)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="torchslim-summaries")
+        self._pending: list[Any] = []
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        done = [f for f in self._pending if f.done()]
+        for f in done:
+            self._pending.remove(f)
+            f.result()  # re-raises an error of the background thread here
+        self._pending.append(self._pool.submit(fn, *args))
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._writer.add_scalar(tag, value, step)
+        self._submit(self._writer.add_scalar, tag, value, step)
 
     def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        self._writer.add_histogram(tag, values, step)
+        self._submit(self._histogram, tag, values.detach().to("cpu", torch.float32, copy=True).flatten(), step)
 
     def add_images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        self._writer.add_images(tag, images, step, dataformats="NCHW")
+        self._submit(self._writer.add_images, tag, images.detach().to("cpu", copy=True), step, None, "NCHW")
+
+    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        values = values[torch.isfinite(values)] if not bool(torch.isfinite(values).all()) else values
+        if values.numel() == 0:
+            return
+        low, high = (float(v) for v in values.aminmax())
+        if low == high:
+            limits, counts = [high], [float(values.numel())]
+        else:
+            counts = torch.histc(values, bins=self.buckets, min=low, max=high).tolist()
+            limits = torch.linspace(low, high, self.buckets + 1)[1:].tolist()
+        self._writer.add_histogram_raw(tag, low, high, values.numel(), float(values.sum()),
+                                       float(values.dot(values)), limits, counts, step)
 
     def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._writer.close()
 
 
 class JsonlWriter(NullWriter):
