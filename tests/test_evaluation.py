@@ -518,3 +518,22 @@ def test_demo_reports_held_out_accuracy_through_evaluate_once_beside_training_cu
     assert {"accuracy", "total_loss"} <= tags["eval"] and "total_loss" in tags["."]  # one chart, two runs
     [scalar] = runs.Scalars("eval", "accuracy")
     assert scalar.step == 10 and scalar.value == pytest.approx(accuracy)
+
+
+def test_prefetched_evaluation_gives_the_same_results_and_leaves_no_thread(tmp_path):
+    import threading
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    path = checkpoint.Saver().save({"model": model.state_dict()}, tmp_path, 7)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(5)]
+    metrics = {"accuracy": lambda p, t: (p.argmax(1) == t).float().mean()}
+    plain = evaluation.evaluate_once(path, None, model, data, metrics=metrics)
+    before = set(threading.enumerate())
+    fetched = evaluation.evaluate_once(path, None, model, data, metrics=metrics, prefetch=3)
+    stopped = evaluation.evaluate_once(path, None, model, data, metrics=metrics, prefetch=True,
+                                       hooks=[evaluation.StopAfterNEvalsHook(2)])
+    assert fetched == plain and set(stopped) == {"accuracy"}
+    assert set(threading.enumerate()) == before
+    with pytest.raises(ValueError, match="prefetch"):
+        evaluation.evaluate_once(path, None, model, data, metrics=metrics, prefetch=0)

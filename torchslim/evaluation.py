@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from torchslim import checkpoint, summaries, variables
+from torchslim import checkpoint, queues, summaries, variables
 from torchslim._types import check_callable, check_positive
 
 __all__ = [
@@ -124,7 +124,8 @@ def _scalars(name: str, value: Any, what: str) -> dict[str, float]:
 class _Evaluation:
     """What to evaluate and how (:func:`evaluate_once`'s arguments), checked once where they are given."""
 
-    KEYWORDS = ("metrics", "eval_fn", "num_evals", "initial_op", "eval_op", "final_op", "variables_to_restore", "hooks")
+    KEYWORDS = ("metrics", "eval_fn", "num_evals", "initial_op", "eval_op", "final_op", "variables_to_restore", "hooks",
+                "prefetch")
 
     @classmethod
     def from_kwargs(cls, caller: str, model: Any, data: Any, kwargs: Mapping[str, Any]) -> _Evaluation:
@@ -137,7 +138,7 @@ class _Evaluation:
                  eval_fn: Callable[[Any], tuple[Any, Any]] | None = None, num_evals: int | None = None,
                  initial_op: Callable[[], Any] | None = None, eval_op: Callable[[Any], Any] | None = None,
                  final_op: Callable[[], Any] | None = None, variables_to_restore: Any = None,
-                 hooks: Iterable[Any] | None = None) -> None:
+                 hooks: Iterable[Any] | None = None, prefetch: bool | int | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if data is not None and not isinstance(data, Iterable):
@@ -155,6 +156,7 @@ class _Evaluation:
         self.eval_fn, self.initial_op, self.eval_op, self.final_op = eval_fn, initial_op, eval_op, final_op
         self.variables_to_restore = _check_restore(model, variables_to_restore)
         self.hooks = _check_hooks(hooks)
+        self.prefetch_depth = _prefetch_depth(prefetch, self._device())
 
     def targets(self) -> dict[str, torch.Tensor]:
         """The tensors to restore, looked up afresh (``model.to()`` replaces buffers)."""
@@ -163,8 +165,11 @@ class _Evaluation:
             return {n: model_vars[n] for n in self.variables_to_restore}
         return model_vars if self.variables_to_restore is None else self.variables_to_restore
 
+    def _device(self) -> torch.device:
+        return next(itertools.chain(self.model.parameters(), self.model.buffers()), torch.empty(0)).device
+
     def default_eval_fn(self) -> Callable[[Any], tuple[Any, Any]]:
-        device = next(itertools.chain(self.model.parameters(), self.model.buffers()), torch.empty(0)).device
+        device = self._device()
         model = self.model
 
         def eval_fn(batch: Any) -> tuple[Any, Any]:
@@ -181,7 +186,22 @@ class _Evaluation:
         data = itertools.repeat(None) if self.data is None else self.data
         if self.data is None and self.num_evals is None:
             return iter(())
-        return iter(data) if self.num_evals is None else itertools.islice(data, self.num_evals)
+        batches = iter(data) if self.num_evals is None else itertools.islice(data, self.num_evals)
+        if self.prefetch_depth and self.data is not None:
+            device = self._device()
+            return queues.prefetch(batches, self.prefetch_depth, device=device if device.type != "cpu" else None)
+        return batches
+
+
+def _prefetch_depth(prefetch: Any, device: torch.device) -> int:
+    """Batches drawn ahead in a background thread: by default 2 for a model on an accelerator, else none."""
+    if prefetch is None:
+        return 2 if device.type != "cpu" else 0
+    if isinstance(prefetch, bool):
+        return 2 if prefetch else 0
+    if not isinstance(prefetch, int) or prefetch < 1:
+        raise ValueError(f"`prefetch` must be True, False, a depth >= 1 or None (auto), got {prefetch!r}")
+    return prefetch
 
 
 def _check_metrics(metrics: Any) -> dict[str, Any]:
@@ -299,16 +319,21 @@ def _run(ev: _Evaluation) -> tuple[dict[str, float], int]:
     if ev.initial_op is not None:
         ev.initial_op()
     n = 0
-    for batch in ev.batches():  # data that runs out ends the evaluation
-        if metrics:
-            predictions, targets = eval_fn(batch)
-            for metric in metrics:
-                metric.update(predictions, targets)
-        if eval_op is not None:
-            eval_op(batch)
-        n += 1
-        if stops and any(stop(n) for stop in stops):
-            break
+    batches = ev.batches()
+    try:
+        for batch in batches:  # data that runs out ends the evaluation
+            if metrics:
+                predictions, targets = eval_fn(batch)
+                for metric in metrics:
+                    metric.update(predictions, targets)
+            if eval_op is not None:
+                eval_op(batch)
+            n += 1
+            if stops and any(stop(n) for stop in stops):
+                break
+    finally:
+        if isinstance(batches, queues.Prefetcher):
+            batches.close()  # joins its thread, also when a hook stopped early
     results = {k: v for name, metric in ev.metrics.items()
                for k, v in _scalars(name, metric.compute(), f"metric {name!r}").items()}
     final = ev.final_op() if ev.final_op is not None else None
@@ -347,7 +372,8 @@ def evaluate_once(checkpoint_path: str | os.PathLike, logdir: str | os.PathLike 
                   eval_fn: Callable[[Any], tuple[Any, Any]] | None = None, num_evals: int | None = None,
                   initial_op: Callable[[], Any] | None = None, eval_op: Callable[[Any], Any] | None = None,
                   final_op: Callable[[], Any] | None = None, variables_to_restore: Any = None,
-                  summary_writer: Any = _DEFAULT, hooks: Iterable[Any] | None = None) -> dict[str, float]:
+                  summary_writer: Any = _DEFAULT, hooks: Iterable[Any] | None = None,
+                  prefetch: bool | int | None = None) -> dict[str, float]:
     """Restore one checkpoint into ``model``, evaluate it over ``data``, write and return the metrics.
 
     The model runs in eval mode under ``torch.inference_mode()``; afterwards the
@@ -380,6 +406,9 @@ def evaluate_once(checkpoint_path: str | os.PathLike, logdir: str | os.PathLike 
             the end; None: none; or a torchslim summaries writer (flushed, not closed).
         hooks: objects with any of ``begin()``, ``after_batch(num_batches_done) -> bool``
             (True stops) and ``end(results)``, e.g. :class:`StopAfterNEvalsHook`.
+        prefetch: draw batches in a background thread (``queues.prefetch``), this many
+            ahead (``True``: 2), moved to the model's device. Default: on for a model
+            on an accelerator, off on the CPU.
 
     Returns:
         ``{name: value}``, each also written as a scalar summary at the checkpoint's global step.
@@ -389,7 +418,8 @@ def evaluate_once(checkpoint_path: str | os.PathLike, logdir: str | os.PathLike 
         TypeError: an argument of the wrong kind, named in the message.
     """
     ev = _Evaluation(model, data, metrics=metrics, eval_fn=eval_fn, num_evals=num_evals, initial_op=initial_op,
-                     eval_op=eval_op, final_op=final_op, variables_to_restore=variables_to_restore, hooks=hooks)
+                     eval_op=eval_op, final_op=final_op, variables_to_restore=variables_to_restore, hooks=hooks,
+                     prefetch=prefetch)
     _check_writer(summary_writer)
     path, values, step = _read_checkpoint(checkpoint_path)
     writer, owned = _open_writer(summary_writer, logdir)
