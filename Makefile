@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/torchslim demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check torchslim tests bench
+
+# Each prints a table and a last JSON line; they take a few minutes in all.
 bench: $(STAMP)
-	$(PY) bench/loop_overhead.py
+	for b in loop_overhead summaries_overhead eval_throughput prefetch_overlap analyze_speed ddp_scaling; do \
+		$(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs

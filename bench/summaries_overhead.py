@@ -28,29 +28,20 @@ import logging
 import os
 import shutil
 import statistics
+import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loop_overhead import Stamps  # noqa: E402  (the same clock stamps as the loop benchmark)
+
 from torchslim import summaries
 from torchslim.learning import create_train_op, train
 
 LOG_EVERY = 100
-
-
-class Stamps(logging.Handler):
-    """(step, wall, CPU) clocks stamped when train_step logs "global step N: ..." (every 100 steps)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.marks: list[tuple[int, float, float]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("global step"):
-            self.marks.append((record.args[0], time.perf_counter(), time.process_time()))  # type: ignore[index]
 
 
 def per_step(marks: list[tuple[int, float, float]], clock: int) -> float:

@@ -113,17 +113,23 @@ def test_exact_resume_across_kill_9_is_bitwise_identical(tmp_path, prefetch):
     assert_bitwise_equal(once["data"], twice["data"], "data")
 
 
-def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
-    logdir = tmp_path / "run"
+def start_endless_trainer(tmp_path: Path, logdir: Path, mark_at: int) -> subprocess.Popen:
+    """A trainer with no target and no periodic save, returned once it has reached step ``mark_at``."""
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SAVE_EVERY": "1000000"}
-    proc = subprocess.Popen([sys.executable, str(script), str(logdir), "0", "-1", "15"], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(logdir), "0", "-1", str(mark_at)], env=env,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not Path(str(logdir) + ".mark").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "trainer never reached step 15"
+        assert proc.poll() is None and time.monotonic() < deadline, f"trainer never reached step {mark_at}"
         time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
+    logdir = tmp_path / "run"
+    proc = start_endless_trainer(tmp_path, logdir, 15)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM
@@ -136,15 +142,7 @@ def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
 
 def test_ctrl_c_saves_then_raises_keyboard_interrupt(tmp_path):
     logdir = tmp_path / "run"
-    script = tmp_path / "trainer.py"
-    script.write_text(TRAINER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAVE_EVERY": "1000000"}
-    proc = subprocess.Popen([sys.executable, str(script), str(logdir), "0", "-1", "5"], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not Path(str(logdir) + ".mark").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    proc = start_endless_trainer(tmp_path, logdir, 5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
