@@ -505,3 +505,24 @@ def test_an_error_in_prefetched_data_reaches_train_and_leaves_no_thread(problem,
     assert op.step == 3
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)] == [2]
     assert set(threading.enumerate()) == before
+
+
+def test_deferred_numerics_check_reads_nothing_per_step_and_reports_at_the_flush(problem, monkeypatch):
+    # The accelerator path (the loss is checked on the device, read at log/save points), run on the CPU.
+    nan_at = 3
+
+    def loss_fn(batch):
+        loss = problem.loss(batch)
+        return loss * float("nan") if op.step == nan_at else loss
+
+    op = create_train_op(loss_fn, problem.optimizer)
+    op(batches()[0])
+    op._sync_numerics = False
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    for b in batches()[1:6]:
+        op(b)
+    assert reads == [] and op.step == 6
+    with pytest.raises(NonFiniteError, match=r"NaN or Inf at some global step in \[1, 6\]"):
+        op.flush_numerics_check()
