@@ -67,6 +67,16 @@ class GlobalStep:
         return f"GlobalStep({self.value})"
 
 
+class _Default:
+    """The type of :data:`DEFAULT`: an argument left at its default, where ``None`` means something else."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT: Any = _Default()
+
+
 class NonFiniteError(FloatingPointError):
     """A loss, gradient or state that must be finite holds NaN or Inf."""
 
