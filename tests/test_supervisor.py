@@ -299,3 +299,31 @@ def test_data_stream_of_a_one_shot_iterator_ends_when_it_does():
 def test_data_stream_of_none_yields_none_forever():
     it = iter(DataStream(None))
     assert [next(it) for _ in range(3)] == [None, None, None]
+
+
+def test_sigterm_with_a_python_handler_of_the_users_saves_then_calls_it(tmp_path):
+    from conftest import Logistic, batches
+
+    from torchslim.learning import create_train_op, train
+
+    got = []
+
+    def users_handler(signum, frame):
+        got.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, users_handler)
+    try:
+        p = Logistic()
+
+        def total_loss(batch):
+            if op.step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return p.loss(batch)
+
+        op = create_train_op(total_loss, p.optimizer, model=p.model)
+        train(op, tmp_path, batches(), number_of_steps=100, save_summaries_steps=1)
+        assert got == [signal.SIGTERM]  # re-delivered to the user's handler after the final save
+        assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path)) == 4
+        assert signal.getsignal(signal.SIGTERM) is users_handler  # train() put it back
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -88,6 +88,7 @@ class Supervisor:
         self._writer: summaries.SummaryWriter = summaries.NullWriter()
         self._trace: Any = None
         self._prefetcher: queues.Prefetcher | None = None
+        self._collecting: summaries.collecting | None = None
 
     # ------------------------------------------------------------ start
 
@@ -103,6 +104,8 @@ class Supervisor:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._collecting is None:
+            return  # already closed (finish() closes early to re-deliver SIGTERM)
         if self._prefetcher is not None:
             self._prefetcher.close()  # joins the producer thread: none is left behind
             self._prefetcher = None
@@ -118,6 +121,7 @@ class Supervisor:
         else:
             self._writer.flush()
         self._collecting.__exit__(None, None, None)
+        self._collecting = None
         if self._averager is not None:
             self.train_op.gradient_sync = None
             self._averager = None
