@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -138,7 +139,10 @@ class TensorBoardWriter(NullWriter):
         self._submit(self._writer.add_images, tag, images.detach().to("cpu", copy=True), step, None, "NCHW")
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        values = values[torch.isfinite(values)] if not bool(torch.isfinite(values).all()) else values
+        total, squares = float(values.sum()), float(values.dot(values))
+        if not (math.isfinite(total) and math.isfinite(squares)):  # NaN/Inf (or overflow): drop the non-finite
+            values = values[torch.isfinite(values)]
+            total, squares = float(values.sum()), float(values.dot(values))
         if values.numel() == 0:
             return
         low, high = (float(v) for v in values.aminmax())
@@ -147,8 +151,7 @@ class TensorBoardWriter(NullWriter):
         else:
             counts = torch.histc(values, bins=self.buckets, min=low, max=high).tolist()
             limits = torch.linspace(low, high, self.buckets + 1)[1:].tolist()
-        self._writer.add_histogram_raw(tag, low, high, values.numel(), float(values.sum()),
-                                       float(values.dot(values)), limits, counts, step)
+        self._writer.add_histogram_raw(tag, low, high, values.numel(), total, squares, limits, counts, step)
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
