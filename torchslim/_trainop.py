@@ -110,6 +110,22 @@ def _referenced_names(fn: Any) -> dict[str, Any]:
     return found
 
 
+def _prefixed(state: Mapping[str, Any], name: str, key: str) -> str:
+    # One model: plain state_dict names. Several: prefixed by the variable that holds each.
+    return key if len(state) == 1 or not name else f"{name}.{key}"
+
+
+def named_parameters(state: Mapping[str, torch.nn.Module | torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The trainable tensors of a train op's state (modules and loose tensors), by variable name."""
+    out = []
+    for name, holder in state.items():
+        if isinstance(holder, torch.nn.Module):
+            out += [(_prefixed(state, name, canonical_name(k)), p) for k, p in holder.named_parameters()]
+        else:
+            out.append((name, holder))
+    return out
+
+
 class TrainOp:
     """One optimization step, as TF-Slim's train op: compute the loss, the gradients, apply them.
 
@@ -244,8 +260,7 @@ class TrainOp:
         return next(iter(modules.values()))
 
     def _prefixed(self, name: str, key: str) -> str:
-        # One model: plain state_dict names. Several: prefixed by the variable that holds each.
-        return key if len(self._state) == 1 or not name else f"{name}.{key}"
+        return _prefixed(self._state, name, key)
 
     @property
     def trained_parameters(self) -> list[torch.Tensor]:
@@ -258,13 +273,7 @@ class TrainOp:
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """Every trainable tensor this op owns, by its variable name."""
-        out = []
-        for name, holder in self._state.items():
-            if isinstance(holder, torch.nn.Module):
-                out += [(self._prefixed(name, canonical_name(k)), p) for k, p in holder.named_parameters()]
-            else:
-                out.append((name, holder))
-        return out
+        return named_parameters(self._state)
 
     def model_variables(self) -> dict[str, torch.Tensor]:
         """Every variable (parameters and persistent buffers) this op owns, by name, as live tensors."""

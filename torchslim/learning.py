@@ -41,6 +41,7 @@ from torchslim._trainop import (
     TrainOp,
     UpdateOpHandle,
     find_model_state,
+    named_parameters,
     registered_update_ops,
 )
 from torchslim._types import (
@@ -148,7 +149,7 @@ def create_train_op(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     state = _model_state(total_loss, optimizer, model)
-    op_names = _names(state)
+    op_names = dict(named_parameters(state))
     trained = _variables_to_train(variables_to_train, optimizer, op_names)
     if isinstance(clip_gradient_norm, bool) or not isinstance(clip_gradient_norm, (int, float)) or not clip_gradient_norm >= 0:
         raise ValueError(f"`clip_gradient_norm` must be a number >= 0 (0: no clipping), got {clip_gradient_norm!r}")
@@ -208,11 +209,6 @@ def _model_state(total_loss: Callable[..., Any], optimizer: torch.optim.Optimize
         )
     return state
 
-
-def _names(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    probe = TrainOp.__new__(TrainOp)
-    probe._state = dict(state)
-    return dict(probe.named_parameters())
 
 
 def _variables_to_train(variables: Any, optimizer: torch.optim.Optimizer,
