@@ -165,10 +165,11 @@ def test_step_of_and_checkpoint_path(tmp_path):
         step_of("runs/x/model.ckpt")
 
 
-@pytest.mark.parametrize("kwargs", [{"max_to_keep": -1}, {"max_to_keep": 2.5},
-                                    {"keep_checkpoint_every_n_hours": 0}, {"keep_checkpoint_every_n_hours": "1"}])
-def test_saver_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
+@pytest.mark.parametrize("kwargs, error", [({"max_to_keep": -1}, ValueError), ({"max_to_keep": 2.5}, TypeError),
+                                           ({"keep_checkpoint_every_n_hours": 0}, ValueError),
+                                           ({"keep_checkpoint_every_n_hours": "1"}, TypeError)])
+def test_saver_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
         Saver(**kwargs)
 
 

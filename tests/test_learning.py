@@ -259,7 +259,7 @@ def test_loss_must_be_a_scalar_tensor_that_requires_grad(problem):
     "kwargs, error, match",
     [
         ({"clip_gradient_norm": -1.0}, ValueError, "clip_gradient_norm"),
-        ({"clip_gradient_norm": "1"}, ValueError, "clip_gradient_norm"),
+        ({"clip_gradient_norm": "1"}, TypeError, "clip_gradient_norm"),
         ({"check_numerics": "yes"}, TypeError, "check_numerics"),
         ({"transform_grads_fn": 3}, TypeError, "transform_grads_fn"),
         ({"global_step": 5}, TypeError, "global_step"),

@@ -297,7 +297,7 @@ def test_coordinator_arguments_are_checked():
         Coordinator().request_stop("oops")
     with pytest.raises(TypeError, match="`threads` must hold threading.Thread"):
         Coordinator().join(["t"])
-    with pytest.raises(ValueError, match="`stop_grace_period_secs` must be a number >= 0"):
+    with pytest.raises(ValueError, match="`stop_grace_period_secs` must be a number of seconds >= 0"):
         Coordinator().join(stop_grace_period_secs=-1)
 
 

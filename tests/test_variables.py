@@ -311,8 +311,8 @@ def test_shape_mismatch_lists_names_and_both_shapes(tmp_path):
     with pytest.raises(ValueError) as info:
         assign_from_checkpoint_fn(path, target)()
     message = str(info.value)
-    for part in ["fc.weight (variable (3, 8), value (5, 8))", "fc.bias (variable (3,), value (5,))",
-                 "fc2.weight (variable (2, 3), value (2, 5))"]:
+    for part in ["fc.weight (model (3, 8), checkpoint (5, 8))", "fc.bias (model (3,), checkpoint (5,))",
+                 "fc2.weight (model (2, 3), checkpoint (2, 5))"]:
         assert part in message
     assert "body.0.weight" not in message
     assert same(snapshot(target), before, ALL)  # the fitting variables were not half-restored either
@@ -427,7 +427,7 @@ def test_assign_from_values_unknown_names():
 
 def test_assign_from_values_wrong_shape():
     target = Net(seed=1)
-    with pytest.raises(ValueError, match=r"fc\.bias \(variable \(3,\), value \(2,\)\)"):
+    with pytest.raises(ValueError, match=r"fc\.bias \(model \(3,\), value \(2,\)\)"):
         assign_from_values_fn({"fc.bias": [1.0, 2.0]}, target)()
 
 

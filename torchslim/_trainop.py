@@ -1,139 +1,62 @@
-"""The train op: one training step as a callable object (``batch -> loss``).
+"""The train op: one training step as a callable object, composed of named phases.
 
 Kept apart from ``learning`` so that the step, the thing that runs millions of
 times, can be read on its own. ``learning.create_train_op`` builds it.
+
+The phases, in the order they run (:meth:`TrainOp.run`)::
+
+    forward_backward(batch)   every batch: the loss under the precision's autocast,
+                              checked for NaN/Inf, back-propagated (scaled by 1/k)
+    apply()                   once per k batches (k = accumulate_steps):
+                                synchronize gradients across processes
+                                unscale them (loss scaling), transform them
+                                (multiply, clip, the user's function)
+                                step the optimizer, then the LR scheduler
+                                run the update ops, count the global step
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
-import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from torchslim import losses
-from torchslim._types import GlobalStep, GradientTransform, NonFiniteError
-from torchslim.variables import canonical_name
+from torchslim import losses, summaries
+from torchslim._checks import check_fits
+from torchslim._modelstate import ModelState, model_variables, named_parameters
+from torchslim._precision import Precision
+from torchslim._types import GlobalStep, GradientSync, GradientTransform, LocalGradients, NonFiniteError
 
 NO_BATCH: Any = object()  # the loss function takes no argument: it reads its own data
 
-# Update ops registered per model, like PyTorch's per-module hooks. Weak keys: a
-# model that is garbage-collected takes its update ops with it.
-_UPDATE_OPS: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, Callable[[], Any]]] = weakref.WeakKeyDictionary()
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one call of :meth:`TrainOp.run` produced.
 
-class UpdateOpHandle:
-    """Returned by :func:`register_update_op`; ``remove()`` unregisters the op."""
-
-    _next_id = 0
-
-    def __init__(self, model: torch.nn.Module, op: Callable[[], Any]) -> None:
-        UpdateOpHandle._next_id += 1
-        self.id = UpdateOpHandle._next_id
-        self._model = weakref.ref(model)
-        _UPDATE_OPS.setdefault(model, {})[self.id] = op
-
-    def remove(self) -> None:
-        model = self._model()
-        if model is not None:
-            _UPDATE_OPS.get(model, {}).pop(self.id, None)
-
-
-def registered_update_ops(modules: Iterable[torch.nn.Module]) -> list[Callable[[], Any]]:
-    """The update ops registered on ``modules`` or any of their submodules, in registration order."""
-    found: dict[int, Callable[[], Any]] = {}
-    for module in modules:
-        for sub in module.modules():
-            found.update(_UPDATE_OPS.get(sub, {}))
-    return [found[k] for k in sorted(found)]
-
-
-def find_model_state(total_loss: Callable[..., Any]) -> dict[str, torch.nn.Module | torch.Tensor]:
-    """The modules and loose trainable tensors that ``total_loss`` refers to, by variable name.
-
-    Looks at what the function closes over and the globals it names (one level
-    into plain objects, for ``self.model``), at a bound method's ``self``, at a
-    ``functools.partial``'s arguments, and at the callable itself if it is a module.
-    Submodules of a found module are dropped.
+    Attributes:
+        loss: the loss, detached (no host sync). When the call ended an update of
+            several micro-batches, the mean loss of the update.
+        losses: the losses the loss function recorded in this call
+            (``losses.named()`` gives ``(tag, tensor)`` pairs for summaries).
+        applied: whether the call ended an update: the optimizer stepped and the
+            global step moved. False on the inner micro-batches of an accumulation.
     """
-    found: dict[str, Any] = {}
 
-    def consider(name: str, value: Any, depth: int = 0) -> None:
-        if isinstance(value, torch.nn.Module) or (isinstance(value, torch.Tensor) and value.requires_grad):
-            found.setdefault(name, value)
-        elif depth == 0 and hasattr(value, "__dict__") and not inspect.ismodule(value) and not callable(value):
-            for attr, v in vars(value).items():
-                consider(attr, v, 1)
-
-    fn = total_loss
-    if isinstance(fn, torch.nn.Module):
-        return {"": fn}
-    if inspect.ismethod(fn):
-        consider("self", fn.__self__)
-        if isinstance(fn.__self__, torch.nn.Module):
-            return {"": fn.__self__}
-        fn = fn.__func__
-    for i, arg in enumerate(getattr(fn, "args", ())):  # functools.partial
-        consider(f"arg{i}", arg)
-    for k, v in (getattr(fn, "keywords", None) or {}).items():
-        consider(k, v)
-    fn = getattr(fn, "func", fn)
-    if inspect.isfunction(fn):
-        for k, v in _referenced_names(fn).items():
-            consider(k, v)
-    modules = [m for m in found.values() if isinstance(m, torch.nn.Module)]
-    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
-    params_of_modules = {id(p) for m in modules for p in m.parameters()}
-    return {k: v for k, v in found.items()
-            if id(v) not in inner and not (isinstance(v, torch.Tensor) and id(v) in params_of_modules)}
-
-
-def _referenced_names(fn: Any) -> dict[str, Any]:
-    """Closure variables (skipping cells not yet filled) and the globals named in ``fn``'s code."""
-    code = fn.__code__
-    found = {}
-    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
-        try:
-            found[name] = cell.cell_contents
-        except ValueError:  # a cell assigned after the function was made, e.g. `op = create_train_op(f)`
-            continue
-    codes = [code]
-    while codes:
-        c = codes.pop()
-        codes += [k for k in c.co_consts if inspect.iscode(k)]
-        for name in c.co_names:
-            if name in fn.__globals__:
-                found.setdefault(name, fn.__globals__[name])
-    return found
-
-
-def _prefixed(state: Mapping[str, Any], name: str, key: str) -> str:
-    # One model: plain state_dict names. Several: prefixed by the variable that holds each.
-    return key if len(state) == 1 or not name else f"{name}.{key}"
-
-
-def named_parameters(state: Mapping[str, torch.nn.Module | torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """The trainable tensors of a train op's state (modules and loose tensors), by variable name."""
-    out = []
-    for name, holder in state.items():
-        if isinstance(holder, torch.nn.Module):
-            out += [(_prefixed(state, name, canonical_name(k)), p) for k, p in holder.named_parameters()]
-        else:
-            out.append((name, holder))
-    return out
+    loss: torch.Tensor
+    losses: losses.LossCollection | None = None
+    applied: bool = True
 
 
 class TrainOp:
     """One optimization step, as TF-Slim's train op: compute the loss, the gradients, apply them.
 
-    Calling it (``train_op(batch)``) runs the loss function inside a fresh loss
-    collection, checks the loss for NaN/Inf, back-propagates into the trained
-    parameters only, applies the gradient transform, steps the optimizer and the
-    LR scheduler, runs the update ops, counts the global step, and returns the
-    detached loss tensor (no host sync on an accelerator). Build it with
+    Calling it (``train_op(batch)``) runs :meth:`run` and returns the detached
+    loss tensor (no host sync on an accelerator). Build it with
     :func:`torchslim.learning.create_train_op`.
 
     Its ``state_dict()`` holds everything a resume needs: the model's variables,
@@ -141,10 +64,11 @@ class TrainOp:
     """
 
     def __init__(self, total_loss: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, *,
-                 state: Mapping[str, torch.nn.Module | torch.Tensor], global_step: GlobalStep | None,
+                 state: ModelState, global_step: GlobalStep | None,
                  update_ops: list[Callable[[], Any]], params_to_train: list[torch.Tensor] | None,
                  transform: GradientTransform | None, check_numerics: bool, lr_scheduler: Any = None,
-                 summarize_gradients: bool = False) -> None:
+                 summarize_gradients: bool = False, precision: Precision | None = None,
+                 accumulate_steps: int = 1) -> None:
         self.total_loss = total_loss
         self.optimizer = optimizer
         self.global_step = global_step
@@ -153,15 +77,15 @@ class TrainOp:
         self.check_numerics = check_numerics
         self.transform = transform
         self.summarize_gradients = summarize_gradients
-        # Set by the train loop on steps whose summaries are due: keep that step's losses.
-        self.record_losses = False
-        self.last_losses: losses.LossCollection | None = None
-        # Set by the train loop in a run over several processes: averages the gradients.
-        self.gradient_sync: Callable[[], None] | None = None
+        self.precision = precision if precision is not None else Precision()
+        self.accumulate_steps = accumulate_steps
         self._state = dict(state)
         self._all_params = [p for g in optimizer.param_groups for p in g["params"]]
         self._trained = params_to_train if params_to_train is not None else [p for p in self._all_params if p.requires_grad]
         self._backward_inputs = params_to_train  # None: plain backward(), as a hand-written loop does
+        self._sync: GradientSync = LocalGradients()
+        self._micro_batches = 0  # taken in the current update
+        self._update_loss: torch.Tensor | None = None  # their summed loss, when accumulating
         self._sync_numerics: bool | None = None  # decided on the first step, from the loss's device
         self._pending_finite: torch.Tensor | None = None
         self._pending_since = 0
@@ -169,33 +93,79 @@ class TrainOp:
     # ------------------------------------------------------------ the step
 
     def __call__(self, batch: Any = NO_BATCH) -> torch.Tensor:
-        with losses.collect_losses() as collected:
+        return self.run(batch).loss
+
+    def run(self, batch: Any = NO_BATCH) -> StepResult:
+        """One batch through :meth:`forward_backward`; the :meth:`apply` phase when it completes an update."""
+        loss, collected = self.forward_backward(batch)
+        if self._micro_batches < self.accumulate_steps:
+            return StepResult(loss, collected, applied=False)
+        if self._update_loss is not None:
+            loss, self._update_loss = self._update_loss / self.accumulate_steps, None
+        self.apply()
+        return StepResult(loss, collected, applied=True)
+
+    def forward_backward(self, batch: Any = NO_BATCH) -> tuple[torch.Tensor, losses.LossCollection]:
+        """Compute one micro-batch's loss and add its gradients; return the detached loss and the losses recorded."""
+        with losses.collect_losses() as collected, self.precision.autocast():
             loss = self.total_loss() if batch is NO_BATCH else self.total_loss(batch)
-        if self.record_losses:
-            self.last_losses = collected
         if self._sync_numerics is None:
             self._first_step_checks(loss)
         if self.check_numerics:
             self._check_loss(loss)
-        for p in self._all_params:
-            p.grad = None
-        if self._backward_inputs is None:
-            loss.backward()
-        else:
-            loss.backward(inputs=self._backward_inputs)
-        if self.gradient_sync is not None:
-            self.gradient_sync()
-        if self.transform is not None:
-            for grad, param in self.transform([(p.grad, p) for p in self._trained]):
-                param.grad = grad
-        self.optimizer.step()
+        first = self._micro_batches == 0
+        if first:  # after the check: a NaN message names the previous step's gradients
+            for p in self._all_params:
+                p.grad = None
+        self._micro_batches += 1
+        k = self.accumulate_steps
+        ends_update = self._micro_batches == k
+        with contextlib.nullcontext() if ends_update else self._sync.no_sync():
+            self._backward(self.precision.scale(loss if k == 1 else loss / k))
+        loss = loss.detach()
+        if k > 1:
+            self._update_loss = loss if first else self._update_loss + loss
+        return loss, collected
+
+    def apply(self) -> bool:
+        """Apply the accumulated gradients: the update's phases. Returns whether the optimizer stepped."""
+        self._micro_batches = 0
+        self._sync.synchronize()
+        self.precision.unscale_(self.optimizer)
+        self._transform_gradients()
+        if not self.precision.step(self.optimizer):
+            return False
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         for op in self.update_ops:
             op()
         if self.global_step is not None:
             self.global_step.increment()
-        return loss.detach()
+        return True
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._backward_inputs is None:
+            loss.backward()
+        else:
+            loss.backward(inputs=self._backward_inputs)
+
+    def _transform_gradients(self) -> None:
+        if self.transform is not None:
+            for grad, param in self.transform([(p.grad, p) for p in self._trained]):
+                param.grad = grad
+        if self.summarize_gradients and summaries.recording():  # the gradients as applied, on summary steps
+            summaries.add_gradients_summaries(self.grads_and_vars())
+
+    @contextlib.contextmanager
+    def synchronized(self, sync: GradientSync) -> Iterator[TrainOp]:
+        """Combine the gradients of every update with ``sync`` inside the block (a run over several processes)."""
+        previous, self._sync = self._sync, sync
+        try:
+            yield self
+        finally:
+            self._sync = previous
+
+    # ------------------------------------------------------------ numerics
 
     def _first_step_checks(self, loss: object) -> None:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -247,6 +217,11 @@ class TrainOp:
         return self.global_step.value if self.global_step is not None else 0
 
     @property
+    def update_in_progress(self) -> bool:
+        """Whether micro-batches of the current update were taken and the update is not yet applied."""
+        return self._micro_batches > 0
+
+    @property
     def modules(self) -> dict[str, torch.nn.Module]:
         """The modules whose state this op owns, by name ('' for a single model)."""
         return {k: v for k, v in self._state.items() if isinstance(v, torch.nn.Module)}
@@ -258,9 +233,6 @@ class TrainOp:
         if len(modules) != 1:
             raise AttributeError(f"this train op owns {len(modules)} modules ({', '.join(modules)}); use .modules")
         return next(iter(modules.values()))
-
-    def _prefixed(self, name: str, key: str) -> str:
-        return _prefixed(self._state, name, key)
 
     @property
     def trained_parameters(self) -> list[torch.Tensor]:
@@ -277,23 +249,18 @@ class TrainOp:
 
     def model_variables(self) -> dict[str, torch.Tensor]:
         """Every variable (parameters and persistent buffers) this op owns, by name, as live tensors."""
-        out: dict[str, torch.Tensor] = {}
-        for name, holder in self._state.items():
-            if isinstance(holder, torch.nn.Module):
-                for k, t in holder.state_dict(keep_vars=True).items():
-                    out[self._prefixed(name, canonical_name(k))] = t
-            else:
-                out[name] = holder
-        return out
+        return model_variables(self._state)
 
     def state_dict(self) -> dict[str, Any]:
-        """Model variables, optimizer, LR scheduler and global step, for a checkpoint."""
+        """Model variables, optimizer, LR scheduler, loss scaler and global step, for a checkpoint."""
         state: dict[str, Any] = {
             "model": {k: v.detach() for k, v in self.model_variables().items()},
             "optimizer": self.optimizer.state_dict(),
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        if precision := self.precision.state_dict():
+            state["precision"] = precision
         if self.global_step is not None:
             state["global_step"] = self.global_step.value
         return state
@@ -302,20 +269,14 @@ class TrainOp:
         """Restore what :meth:`state_dict` returned; a model that does not fit raises ``ValueError``."""
         variables = self.model_variables()
         saved = state["model"]
-        missing = sorted(set(variables) - set(saved))
-        unexpected = sorted(set(saved) - set(variables))
-        wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(t.shape)}" for k, t in variables.items()
-                 if k in saved and saved[k].shape != t.shape]
-        if missing or unexpected or wrong:
-            raise ValueError("the checkpoint does not fit this model: "
-                             f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; shape mismatches "
-                             f"(checkpoint vs model) {wrong or 'none'}")
+        check_fits(variables, saved, "the checkpoint", unexpected=sorted(set(saved) - set(variables)))
         with torch.no_grad():
             for k, t in variables.items():
                 t.copy_(saved[k])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.precision.load_state_dict(state.get("precision", {}))
         if self.global_step is not None and "global_step" in state:
             self.global_step.value = int(state["global_step"])
 

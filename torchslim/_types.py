@@ -5,8 +5,9 @@ Everything here is plain data or a structural ``Protocol``; no module state.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 
@@ -15,15 +16,6 @@ GradsAndVars = list[tuple["torch.Tensor | None", torch.Tensor]]
 
 GradientTransform = Callable[[GradsAndVars], GradsAndVars]
 """A pure function from ``(gradient, parameter)`` pairs to new pairs."""
-
-
-@runtime_checkable
-class Stateful(Protocol):
-    """Anything whose state can be checkpointed: modules, optimizers, schedulers."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
 class Policy(Protocol):
@@ -81,19 +73,24 @@ class NonFiniteError(FloatingPointError):
     """A loss, gradient or state that must be finite holds NaN or Inf."""
 
 
-def check_callable(value: object, name: str) -> None:
-    """Raise ``TypeError`` unless ``value`` is callable (checked where it is passed in)."""
-    if not callable(value):
-        raise TypeError(f"`{name}` must be callable, got {type(value).__name__}: {value!r}")
+class GradientSync(Protocol):
+    """How a train op's gradients are combined across processes, once per optimizer update.
+
+    ``no_sync()`` wraps the backward pass of a micro-batch that does not end an
+    update (nothing need be communicated yet); ``synchronize()`` runs after the
+    backward pass that does, before the gradients are transformed and applied.
+    """
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]: ...
+
+    def synchronize(self) -> None: ...
 
 
-def check_positive(value: object, name: str, *, allow_none: bool = False, integer: bool = False) -> None:
-    """Raise ``ValueError``/``TypeError`` unless ``value`` is a positive number (or None if allowed)."""
-    if value is None and allow_none:
-        return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        what = "a positive int" if integer else "a positive number"
-        raise TypeError(f"`{name}` must be {what}{' or None' if allow_none else ''}, got {value!r}")
-    if not value > 0:  # also rejects NaN
-        raise ValueError(f"`{name}` must be positive, got {value!r}")
+class LocalGradients:
+    """The :class:`GradientSync` of a single process: there is nothing to combine."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        pass

@@ -42,6 +42,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from torchslim._checks import check_bool, check_non_negative_int, check_positive
 from torchslim._types import NonFiniteError
 
 __all__ = [
@@ -314,15 +315,9 @@ class Saver:
 
     def __init__(self, max_to_keep: int | None = 5, keep_checkpoint_every_n_hours: float | None = None,
                  require_finite: bool = True) -> None:
-        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
-                                        or max_to_keep < 0):
-            raise ValueError(f"`max_to_keep` must be a non-negative int or None, got {max_to_keep!r}")
-        if keep_checkpoint_every_n_hours is not None and not (
-            isinstance(keep_checkpoint_every_n_hours, (int, float)) and keep_checkpoint_every_n_hours > 0
-        ):
-            raise ValueError(
-                f"`keep_checkpoint_every_n_hours` must be a positive number or None, got {keep_checkpoint_every_n_hours!r}"
-            )
+        check_non_negative_int(max_to_keep, "max_to_keep", optional=True)
+        check_positive(keep_checkpoint_every_n_hours, "keep_checkpoint_every_n_hours", optional=True)
+        check_bool(require_finite, "require_finite")
         self.max_to_keep = max_to_keep or None
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.require_finite = require_finite

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 from collections.abc import Sequence
 
 
-def _load_module(name: str):  # noqa: ANN202 - a module object
+def _load_module(name: str) -> types.ModuleType:
     import importlib
     import importlib.util
     import os
@@ -194,8 +195,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                 self.scalars = {}
 
         eval_dir = os.path.join(args.logdir, "eval")
-        writer = summaries.MultiWriter(summaries.TensorBoardWriter(eval_dir),
-                                       summaries.JsonlWriter(os.path.join(eval_dir, "metrics.jsonl")), Printer())
+        writer = summaries.MultiWriter(summaries.default_writer(eval_dir), Printer())
         try:
             if not args.watch:
                 evaluation.evaluate_once(checkpoint.latest_checkpoint(args.logdir), eval_dir, model, data,

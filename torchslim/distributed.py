@@ -13,8 +13,9 @@ script once per process with ``torchrun`` (or pass ``master=``, ``rank=`` and
 * gives each process every ``world_size``-th batch of one shared order;
 * lets only the chief (rank 0 unless ``is_chief`` says otherwise) write
   checkpoints, summaries and traces;
-* stops every process at the same step on a signal: the stop request travels in
-  the gradient all-reduce, so agreeing on it costs no extra message.
+* stops every process at the same step on a signal: each step every process
+  casts a vote (a one-number all-reduce on the CPU, started after one step and
+  read after the next, so it never waits on the device).
 
 Asynchronous updates, the original's behaviour without a sync optimizer, are
 :func:`hogwild`: worker processes forked on one machine update the model's
@@ -24,11 +25,10 @@ checkpoints and summarizes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
-import multiprocessing
 import os
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +36,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from torchslim._types import GlobalStep
+from torchslim import checkpoint
+from torchslim._checks import check_bool, check_non_negative_int
+from torchslim._engine import Engine
+from torchslim._hogwild import Hogwild, SharedGlobalStep, hogwild
 
-__all__ = ["Cluster", "GradientAverager", "SharedGlobalStep", "hogwild", "resolve_cluster"]
+__all__ = ["Cluster", "DataParallel", "GradientAverager", "SharedGlobalStep", "StopVote", "engine_for", "hogwild",
+           "resolve_cluster"]
 
 log = logging.getLogger("torchslim")
 
@@ -71,9 +75,8 @@ def resolve_cluster(master: str | None = None, rank: int | None = None, world_si
     """
     if master is not None and not isinstance(master, str):
         raise TypeError(f"`master` must be an address like 'tcp://10.0.0.1:29500' or None, got {master!r}")
-    for name, value in (("rank", rank), ("world_size", world_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"`{name}` must be a non-negative int or None, got {value!r}")
+    check_non_negative_int(rank, "rank", optional=True)
+    check_non_negative_int(world_size, "world_size", optional=True)
     if dist.is_available() and dist.is_initialized():
         rank, world_size, init = dist.get_rank(), dist.get_world_size(), None
     else:
@@ -85,12 +88,11 @@ def resolve_cluster(master: str | None = None, rank: int | None = None, world_si
     rank, world_size = rank or 0, world_size or 1
     if world_size < 1 or rank >= world_size:
         raise ValueError(f"`rank` must be in [0, world_size): got rank={rank}, world_size={world_size}")
-    if is_chief is not None and not isinstance(is_chief, bool):
-        raise TypeError(f"`is_chief` must be True, False or None (rank 0), got {is_chief!r}")
+    check_bool(is_chief, "is_chief", optional=True)
     return Cluster(rank, world_size, rank == 0 if is_chief is None else is_chief, init, timeout_secs)
 
 
-def start(cluster: Cluster, device: torch.device | None) -> bool:
+def start_group(cluster: Cluster, device: torch.device | None) -> bool:
     """Join the process group; return whether this call created it (and so must destroy it)."""
     if not cluster.active or dist.is_initialized():
         return False
@@ -124,11 +126,6 @@ def _attempt_store(cluster: Cluster, timeout: datetime.timedelta) -> dist.Store 
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), cluster.world_size,
                           is_master=cluster.rank == 0 and not agent_hosts_it, timeout=timeout)
     return dist.PrefixStore(f"torchslim/attempt_{attempt}", store)
-
-
-def stop(created: bool) -> None:
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class naming_the_rank:
@@ -197,26 +194,27 @@ def _groups(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 class GradientAverager:
-    """Averages gradients across processes after each backward pass; carries the stop vote along.
+    """Averages gradients across processes once per update, after its last backward pass.
 
     One all-reduce per (device, dtype) group of parameters, over a flat buffer
-    made once: each step copies the gradients in, reduces, scales, and leaves
-    every ``param.grad`` a view into the buffer (no copy back). The first group's
-    buffer has one extra element: each process's wish to stop (a signal), summed,
-    so that every process learns of any stop request in the same step.
+    made once: each update copies the gradients in, reduces, scales, and leaves
+    every ``param.grad`` a view into the buffer (no copy back). A
+    :class:`~torchslim._types.GradientSync`: inner micro-batches of an
+    accumulated update communicate nothing.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], world_size: int) -> None:
         self.world_size = world_size
-        self.wants_stop = False
         self.groups = _groups(list(params))
-        self.buffers = [torch.empty(sum(p.numel() for p in g) + (i == 0), dtype=g[0].dtype, device=g[0].device)
-                        for i, g in enumerate(self.groups)]
-        self.peers_stop = self.buffers[0][-1:]  # the summed votes of the last step
+        self.buffers = [torch.empty(sum(p.numel() for p in g), dtype=g[0].dtype, device=g[0].device)
+                        for g in self.groups]
 
-    def __call__(self) -> None:
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
         with torch.no_grad():
-            for i, (group, flat) in enumerate(zip(self.groups, self.buffers)):
+            for group, flat in zip(self.groups, self.buffers):
                 offset, views = 0, []
                 for p in group:
                     view = flat[offset:offset + p.numel()].view_as(p)
@@ -226,113 +224,102 @@ class GradientAverager:
                         view.copy_(p.grad)
                     views.append(view)
                     offset += p.numel()
-                if i == 0:  # the stop vote rides along with the first group
-                    flat[-1] = float(self.wants_stop)
                 dist.all_reduce(flat)
-                flat[:offset].div_(self.world_size)
+                flat.div_(self.world_size)
                 for p, view in zip(group, views):
                     p.grad = view
 
-    def stop_agreed(self) -> bool:
-        """Whether any process asked to stop in the last step (a host read of one number)."""
-        return bool(self.peers_stop > 0)
+    __call__ = synchronize
 
 
-# ---------------------------------------------------------------- asynchronous
+class StopVote:
+    """Lets processes agree to stop after the same step: a stop wins if any process asked for one.
 
-
-class SharedGlobalStep(GlobalStep):
-    """A global step in shared memory, counted by every worker process (one lock per increment)."""
-
-    __slots__ = ("_shared",)
-
-    def __init__(self, value: int = 0, context: Any = None) -> None:
-        self._shared = (context or multiprocessing.get_context("fork")).Value("q", value)
-
-    @property  # type: ignore[override]
-    def value(self) -> int:
-        return int(self._shared.value)
-
-    @value.setter
-    def value(self, new: int) -> None:
-        self._shared.value = new
-
-    def increment(self) -> None:
-        with self._shared.get_lock():
-            self._shared.value += 1
-
-
-def fork_context() -> Any:
-    return multiprocessing.get_context("fork")
-
-
-def share_for_workers(train_op: Any) -> SharedGlobalStep:
-    """Move the train op's model state into shared memory; return a shared copy of its global step."""
-    for tensor in train_op.model_variables().values():
-        tensor.share_memory_()
-    return SharedGlobalStep(train_op.step)
-
-
-def async_worker_loop(train_op: Any, data: Any, index: int, num_workers: int, train_step_fn: Callable[..., Any],
-                      kwargs: dict[str, Any], startup_delay_steps: int, stop: Any) -> None:
-    """A non-chief asynchronous worker: wait for the start-up delay, then step on its shard until told to stop."""
-    from torchslim._data import DataStream  # the stream lives with the data code
-
-    while train_op.step < startup_delay_steps and not stop.is_set():
-        stop.wait(0.01)
-    stream = DataStream(data, (index, num_workers)) if data is not None else DataStream(None)
-    for batch in stream:
-        if stop.is_set():
-            return
-        _, should_stop = train_step_fn(train_op, batch, kwargs)
-        if should_stop:
-            return
-
-
-def hogwild(run: Callable[[int], Any], num_workers: int, *, stop_grace_period_secs: float = 120) -> Any:
-    """Run ``run(worker_index)`` in ``num_workers - 1`` forked processes and in this one (index 0, the chief).
-
-    Before forking, tensors the caller made shared (``model.share_memory()``) are
-    seen and updated by all; everything else is copied. The chief's return value
-    is returned once every worker has ended; a worker that failed, or that has not
-    ended ``stop_grace_period_secs`` after the chief (it is then killed), raises
-    ``RuntimeError`` naming it and its exit code. Forking requires the CPU; each
-    forked worker computes with one thread.
+    Every process votes after every step. The vote is an all-reduce of one
+    number over a gloo group, so it lives on the CPU whatever the model's device;
+    it is started after one step and read after the next, so the network's
+    latency hides behind a step. All processes therefore stop one step after the
+    first request, at the same global step.
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"`num_workers` must be a positive int, got {num_workers!r}")
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_worker_main, args=(run, i), name=f"torchslim-worker-{i}", daemon=True)
-               for i in range(1, num_workers)]
-    for w in workers:
-        w.start()
-    try:
-        result = run(0)
-    finally:
-        hung = []
-        for w in workers:
-            w.join(stop_grace_period_secs)
-            if w.is_alive():
-                w.kill()
-                w.join()
-                hung.append(w)
-    failed = [f"{w.name} ({'did not stop; killed' if w in hung else f'exit code {w.exitcode}'})"
-              for w in workers if w in hung or w.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"asynchronous worker(s) failed: {', '.join(failed)}; see their errors above")
-    return result
+
+    def __init__(self) -> None:
+        # Its own group: the votes never queue behind (or interleave with) gradient traffic.
+        self.group = dist.new_group(backend="gloo")
+        self.box = torch.zeros(1)
+        self.pending: Any = None
+
+    def __call__(self, wants_stop: bool) -> bool:
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+            if self.box.item() > 0:  # a CPU tensor: no device sync
+                return True
+        self.box.fill_(float(wants_stop))
+        self.pending = dist.all_reduce(self.box, group=self.group, async_op=True)
+        return False
+
+    def close(self) -> None:
+        """Wait for a vote still in flight (every process cast the same number of votes)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+        dist.destroy_process_group(self.group)
 
 
-def _worker_main(run: Callable[[int], Any], index: int) -> None:
-    # Ctrl-C reaches the chief, which then stops the workers; the chief's handlers are not theirs.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # The parent's OpenMP thread team does not survive a fork; a worker that entered a
-    # parallel region with it could hang. One thread per worker also avoids oversubscription.
-    torch.set_num_threads(1)
-    try:
-        run(index)
-    except BaseException:
-        log.exception("asynchronous worker %d failed", index)
-        os._exit(1)
-    os._exit(0)  # skip the parent's atexit handlers and finalizers, which belong to the chief
+class DataParallel(Engine):
+    """Synchronous data parallelism: every process holds the model, gradients are averaged each update.
+
+    Joins the process group (unless one exists), restores on every process the
+    checkpoint the chief picked (or broadcasts the chief's fresh weights), gives
+    a shuffling DataLoader a generator shared by all, averages the gradients with
+    a :class:`GradientAverager`, and stops all processes together (:class:`StopVote`).
+    """
+
+    def __init__(self, cluster: Cluster, device: torch.device | None) -> None:
+        super().__init__(cluster.rank, cluster.world_size, cluster.is_chief)
+        self.cluster, self.device = cluster, device
+        self.created_group = False
+        self.vote: StopVote | None = None
+
+    def start(self) -> None:
+        self.created_group = start_group(self.cluster, self.device)
+        self.vote = StopVote()
+
+    def close(self) -> None:
+        if self.vote is not None and dist.is_initialized():
+            self.vote.close()
+        self.vote = None
+        if self.created_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.created_group = False
+
+    def prepare_data(self, data: Any) -> None:
+        give_shuffle_a_shared_generator(data)
+
+    def find_checkpoint(self, find: Callable[[], Any]) -> Any:
+        """The chief looks; every process loads the checkpoint it found."""
+        restored = find() if self.is_chief else None
+        path = broadcast_object(restored[0] if restored else None)
+        if path is None or restored is not None:
+            return restored
+        return path, checkpoint.load(path)
+
+    def prepare(self, train_op: Any, restored: bool) -> GradientAverager:
+        if not restored:  # every process starts from the chief's weights
+            broadcast_tensors(list(train_op.model_variables().values()))
+        return GradientAverager(train_op.trained_parameters, self.world_size)
+
+    def agree_to_stop(self, wants_stop: bool, step: int) -> bool:
+        if self.vote is None:
+            raise RuntimeError("DataParallel.agree_to_stop() before start()")
+        return self.vote(wants_stop)
+
+
+def engine_for(cluster: Cluster, device: torch.device | None, *, asynchronous: bool = False,
+               startup_delay_steps: int = 0) -> Engine:
+    """The engine a run uses, from where it runs: one process, synchronous processes, or Hogwild workers."""
+    if asynchronous:
+        return Hogwild(cluster.world_size, startup_delay_steps)
+    if cluster.active:
+        return DataParallel(cluster, device)
+    return Engine()

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
-from torchslim._types import GradientTransform, GradsAndVars, check_positive
+from torchslim._checks import check_positive
+from torchslim._types import GradientTransform, GradsAndVars
 
 __all__ = [
     "chain",

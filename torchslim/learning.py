@@ -34,29 +34,21 @@ from typing import Any
 
 import torch
 import torch.utils.data.distributed
+from torch.utils.hooks import RemovableHandle
 
 from torchslim import checkpoint, distributed, gradients, summaries
-from torchslim._runconfig import run_config
-from torchslim._trainop import (
-    TrainOp,
-    UpdateOpHandle,
-    find_model_state,
-    named_parameters,
-    registered_update_ops,
-)
-from torchslim._types import (
-    DEFAULT,
-    GlobalStep,
-    GradientTransform,
-    NonFiniteError,
-    check_callable,
-)
-from torchslim.supervisor import RunConfig, Supervisor
+from torchslim._checks import check_bool, check_callable, check_non_negative
+from torchslim._modelstate import add_update_op, find_model_state, named_parameters, registered_update_ops
+from torchslim._trainconfig import TrainConfig
+from torchslim._trainop import NO_BATCH, StepResult, TrainOp
+from torchslim._types import DEFAULT, GlobalStep, GradientTransform, NonFiniteError
+from torchslim.supervisor import Supervisor
 
 __all__ = [
     "GlobalStep",
     "add_gradients_summaries",
     "NonFiniteError",
+    "StepResult",
     "TrainOp",
     "clip_gradient_norms",
     "clip_gradient_norms_fn",
@@ -78,7 +70,7 @@ multiply_gradients = gradients.multiply_gradients
 _DEFAULT: Any = DEFAULT
 
 
-def register_update_op(model: torch.nn.Module, op: Callable[[], Any]) -> UpdateOpHandle:
+def register_update_op(model: torch.nn.Module, op: Callable[[], Any]) -> RemovableHandle:
     """Register ``op`` (called with no argument after each optimizer step) as an update op of ``model``.
 
     Train ops built later for ``model`` with ``update_ops=None`` run it, e.g. an
@@ -89,12 +81,13 @@ def register_update_op(model: torch.nn.Module, op: Callable[[], Any]) -> UpdateO
         register_update_op(model, lambda: ema.update_parameters(model))
 
     BatchNorm's running statistics need nothing: PyTorch updates them in the
-    forward pass. Returns a handle whose ``remove()`` unregisters the op.
+    forward pass. The op is kept on the model, as its forward hooks are. Returns
+    a handle whose ``remove()`` unregisters the op.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     check_callable(op, "op")
-    return UpdateOpHandle(model, op)
+    return add_update_op(model, op)
 
 
 def create_train_op(
@@ -151,13 +144,11 @@ def create_train_op(
     state = _model_state(total_loss, optimizer, model)
     op_names = dict(named_parameters(state))
     trained = _variables_to_train(variables_to_train, optimizer, op_names)
-    if isinstance(clip_gradient_norm, bool) or not isinstance(clip_gradient_norm, (int, float)) or not clip_gradient_norm >= 0:
-        raise ValueError(f"`clip_gradient_norm` must be a number >= 0 (0: no clipping), got {clip_gradient_norm!r}")
+    check_non_negative(clip_gradient_norm, "clip_gradient_norm")
     if transform_grads_fn is not None:
         check_callable(transform_grads_fn, "transform_grads_fn")
-    for flag, value in (("check_numerics", check_numerics), ("summarize_gradients", summarize_gradients)):
-        if not isinstance(value, bool):
-            raise TypeError(f"`{flag}` must be True or False, got {value!r}")
+    check_bool(check_numerics, "check_numerics")
+    check_bool(summarize_gradients, "summarize_gradients")
     if lr_scheduler is not None and not (callable(getattr(lr_scheduler, "step", None))
                                          and callable(getattr(lr_scheduler, "state_dict", None))):
         raise TypeError(f"`lr_scheduler` must have step() and state_dict(), got {type(lr_scheduler).__name__}")
@@ -272,16 +263,35 @@ def train_step(train_op: TrainOp, batch: Any, train_step_kwargs: Mapping[str, An
     """Run one step; return ``(loss, should_stop)``. The default ``train_step_fn`` of :func:`train`.
 
     Logs ``global step N: loss = X (T sec/step)`` every ``log_every_n_steps``
-    steps and stops at ``number_of_steps`` (both from ``train_step_kwargs``).
+    steps (``None``: never) and stops at ``number_of_steps`` (both from
+    ``train_step_kwargs``). ``batch=None`` calls ``train_op()`` (its loss
+    function reads its own data).
     """
+    result, should_stop = _run_step(train_op, batch, train_step_kwargs)
+    return result.loss, should_stop
+
+
+def _run_step(train_op: TrainOp, batch: Any, train_step_kwargs: Mapping[str, Any]) -> tuple[StepResult, bool]:
+    """:func:`train_step`, returning the whole :class:`StepResult` (the loop's summaries use its named losses)."""
     started = time.perf_counter()
-    loss = train_op() if batch is None else train_op(batch)
-    step = train_op.step
-    if step % train_step_kwargs["log_every_n_steps"] == 0 and log.isEnabledFor(logging.INFO):
-        value = loss.item()  # host sync: on logging steps only
+    result = train_op.run(NO_BATCH if batch is None else batch)
+    if not result.applied:
+        return result, False
+    step, every = train_op.step, train_step_kwargs["log_every_n_steps"]
+    if every and step % every == 0 and log.isEnabledFor(logging.INFO):
+        value = result.loss.item()  # host sync: on logging steps only
         log.info("global step %d: loss = %.4f (%.3f sec/step)", step, value, time.perf_counter() - started)
     target = train_step_kwargs["number_of_steps"]
-    return loss, target is not None and step >= target
+    return result, target is not None and step >= target
+
+
+def _with_step_result(train_step_fn: Callable[..., tuple[Any, bool]]) -> Callable[..., tuple[StepResult, bool]]:
+    """A user's ``train_step_fn`` whose loss is made a :class:`StepResult` for the loop (it may return one)."""
+    def step(train_op: TrainOp, batch: Any, kwargs: Mapping[str, Any]) -> tuple[StepResult, bool]:
+        loss, should_stop = train_step_fn(train_op, batch, kwargs)
+        return (loss if isinstance(loss, StepResult) else StepResult(loss)), should_stop
+
+    return step
 
 
 def train(
@@ -322,7 +332,9 @@ def train(
             ``trace_every_n_steps`` are errors).
         data: any iterable of batches, re-iterated each epoch; each batch is passed
             to the loss function. ``None``: the loss function reads its own data.
-        train_step_fn: ``(train_op, batch, train_step_kwargs) -> (loss, should_stop)``.
+        train_step_fn: ``(train_op, batch, train_step_kwargs) -> (loss, should_stop)``,
+            called once per batch. Its ``loss`` may be the :class:`StepResult` of
+            ``train_op.run(batch)``, whose named losses then go into the summaries.
         train_step_kwargs: extra entries for ``train_step_fn``, merged over the
             defaults (``number_of_steps``, ``log_every_n_steps``, ``logdir``).
         log_every_n_steps: how often the default step logs its line (through ``logging``, at INFO).
@@ -366,66 +378,26 @@ def train(
     A final checkpoint and summary are written when the target is reached, the
     data runs out, or on SIGTERM / Ctrl-C (which are then re-raised); never after an error.
     """
-    config = run_config(
-        train_op, logdir, data, train_step_fn=train_step_fn, log_every_n_steps=log_every_n_steps,
-        number_of_steps=number_of_steps, init_fn=init_fn, summary_op=summary_op,
-        save_summaries_secs=save_summaries_secs, save_summaries_steps=save_summaries_steps,
-        summary_writer=summary_writer, saver=saver, save_interval_secs=save_interval_secs,
-        save_interval_steps=save_interval_steps, trace_every_n_steps=trace_every_n_steps, prefetch=prefetch,
-        progress_bar=progress_bar, master=master, is_chief=is_chief, rank=rank, world_size=world_size,
-        sync_optimizer=sync_optimizer, startup_delay_steps=startup_delay_steps,
+    config = TrainConfig(
+        train_op=train_op, logdir=logdir, data=data, train_step_fn=train_step_fn,
+        train_step_kwargs=train_step_kwargs, log_every_n_steps=log_every_n_steps, number_of_steps=number_of_steps,
+        init_fn=init_fn, summary_op=summary_op, save_summaries_secs=save_summaries_secs,
+        save_summaries_steps=save_summaries_steps, summary_writer=summary_writer, saver=saver,
+        save_interval_secs=save_interval_secs, save_interval_steps=save_interval_steps,
+        trace_every_n_steps=trace_every_n_steps, prefetch=prefetch, progress_bar=progress_bar, master=master,
+        is_chief=is_chief, rank=rank, world_size=world_size, sync_optimizer=sync_optimizer,
+        startup_delay_steps=startup_delay_steps,
     )
-    if config.asynchronous:
-        return _train_async(train_op, data, config, train_step_fn, train_step_kwargs, startup_delay_steps)
-    kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps, "logdir": config.logdir}
-    kwargs.update(train_step_kwargs or {})
-    loss = None
-    with Supervisor(train_op, data, config) as sv, distributed.naming_the_rank(config.cluster):
+    step_fn = _run_step if train_step_fn is train_step else _with_step_result(train_step_fn)
+    kwargs = config.step_kwargs()
+    result = None
+    with Supervisor(config) as sv, distributed.naming_the_rank(config.cluster):
         sv.restore_or_initialize()
-        for batch in sv.batches():
-            sv.before_step()
-            loss, should_stop = train_step_fn(train_op, batch, kwargs)
-            if sv.after_step(loss) or should_stop:
-                break
-        sv.finish(loss)
-    return None if loss is None else float(loss)
-
-
-def _train_async(train_op: TrainOp, data: Any, config: RunConfig, train_step_fn: Callable[..., Any],
-                 train_step_kwargs: Mapping[str, Any] | None, startup_delay_steps: int) -> float | None:
-    """Hogwild: ``world_size`` processes on this machine update shared parameters without waiting for each other.
-
-    This process is the chief (worker 0): it restores, trains, checkpoints and
-    summarizes. The others are forked after the restore, train on their own shard
-    of the data, and stop when the chief does (target reached, data exhausted, signal).
-    """
-    kwargs = {"number_of_steps": config.number_of_steps, "log_every_n_steps": 1 << 62, "logdir": config.logdir,
-              **(train_step_kwargs or {})}
-    own_step = train_op.global_step
-    stop = distributed.fork_context().Event()
-    with Supervisor(train_op, data, config) as sv:
-        sv.restore_or_initialize()
-        train_op.global_step = distributed.share_for_workers(train_op)
-
-        def run(index: int) -> torch.Tensor | None:
-            if index:
-                distributed.async_worker_loop(train_op, data, index, config.cluster.world_size, train_step_fn,
-                                              kwargs, startup_delay_steps, stop)
-                return None
-            loss = None
-            try:
-                for batch in sv.batches():
-                    sv.before_step()
-                    loss, should_stop = train_step_fn(train_op, batch, kwargs)
-                    if sv.after_step(loss) or should_stop:
-                        break
-            finally:
-                stop.set()
-            return loss
-
-        try:
-            loss = distributed.hogwild(run, config.cluster.world_size)
-        finally:
-            own_step.value, train_op.global_step = train_op.step, own_step
-        sv.finish(loss)
-    return None if loss is None else float(loss)
+        with sv.workers(step_fn, kwargs):
+            for batch in sv.batches():
+                sv.before_step()
+                result, should_stop = step_fn(train_op, batch, kwargs)
+                if sv.after_step(result) or should_stop:
+                    break
+        sv.finish(result)
+    return None if result is None else float(result.loss)

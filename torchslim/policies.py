@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import time
 
-from torchslim._types import Policy, check_positive
+from torchslim._checks import check_positive, check_positive_int
+from torchslim._types import Policy
 
 
 class EveryNSteps:
     """Due on every global step that is a multiple of ``n``."""
 
     def __init__(self, n: int) -> None:
-        check_positive(n, "n", integer=True)
+        check_positive_int(n, "n")
         self.n = n
 
     def should_trigger(self, step: int) -> bool:

@@ -25,18 +25,22 @@ also be held explicitly: ``with summaries.collecting(SummaryCollection()) as c:`
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
-import math
-import os
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from torchslim._types import GradsAndVars
+from torchslim._writers import (
+    JsonlWriter,
+    MultiWriter,
+    NullWriter,
+    SummaryWriter,
+    TensorBoardWriter,
+    default_writer,
+)
 
 __all__ = [
     "JsonlWriter",
@@ -56,162 +60,12 @@ __all__ = [
     "add_zero_fraction_summaries",
     "add_zero_fraction_summary",
     "collecting",
+    "default_writer",
+    "recording",
     "write_summaries",
 ]
 
 log = logging.getLogger("torchslim")
-
-_KINDS = ("scalar", "histogram", "image", "zero_fraction")
-
-
-# ---------------------------------------------------------------- writers
-
-
-class SummaryWriter(Protocol):
-    """Where summaries go. ``NullWriter``, ``TensorBoardWriter``, ``JsonlWriter`` and ``MultiWriter`` are provided."""
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None: ...
-
-    def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None: ...
-
-    def add_images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        """``images``: [N, C, H, W], float in [0, 1] or uint8."""
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class NullWriter:
-    """Writes nothing (``summary_writer=None``)."""
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        pass
-
-    def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        pass
-
-    def add_images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class TensorBoardWriter(NullWriter):
-    """TensorBoard event files in ``logdir``, through ``torch.utils.tensorboard``, written off the training thread.
-
-    The calling thread only snapshots the values (a copy, since the next step
-    changes the weights); one background thread computes histograms (with torch,
-    ``buckets`` equal-width buckets, far cheaper than NumPy's exponential
-    buckets on large tensors), encodes images and writes, in call order. Errors
-    of the background thread are raised by the next call.
-    """
-
-    def __init__(self, logdir: str | os.PathLike, flush_secs: int = 30, buckets: int = 30) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from torch.utils.tensorboard import SummaryWriter as _TorchWriter
-
-        self.logdir = os.fspath(logdir)
-        self.buckets = buckets
-        self._writer = _TorchWriter(self.logdir, flush_secs=flush_secs)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="torchslim-summaries")
-        self._pending: list[Any] = []
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        done = [f for f in self._pending if f.done()]
-        for f in done:
-            self._pending.remove(f)
-            f.result()  # re-raises an error of the background thread here
-        self._pending.append(self._pool.submit(fn, *args))
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._submit(self._writer.add_scalar, tag, value, step)
-
-    def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        self._submit(self._histogram, tag, values.detach().to("cpu", torch.float32, copy=True).flatten(), step)
-
-    def add_images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        self._submit(self._writer.add_images, tag, images.detach().to("cpu", copy=True), step, None, "NCHW")
-
-    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        total, squares = float(values.sum()), float(values.dot(values))
-        if not (math.isfinite(total) and math.isfinite(squares)):  # NaN/Inf (or overflow): drop the non-finite
-            values = values[torch.isfinite(values)]
-            total, squares = float(values.sum()), float(values.dot(values))
-        if values.numel() == 0:
-            return
-        low, high = (float(v) for v in values.aminmax())
-        if low == high:
-            limits, counts = [high], [float(values.numel())]
-        else:
-            counts = torch.histc(values, bins=self.buckets, min=low, max=high).tolist()
-            limits = torch.linspace(low, high, self.buckets + 1)[1:].tolist()
-        self._writer.add_histogram_raw(tag, low, high, values.numel(), total, squares, limits, counts, step)
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-        self._writer.flush()
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._pool.shutdown(wait=True)
-            self._writer.close()
-
-
-class JsonlWriter(NullWriter):
-    """Scalars as JSON lines (``{"step", "tag", "value", "wall_time"}``) appended to ``path``."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        record = {"step": step, "tag": tag, "value": value, "wall_time": time.time()}
-        self._file.write(json.dumps(record) + "\n")
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class MultiWriter(NullWriter):
-    """Sends everything to each of ``writers``."""
-
-    def __init__(self, *writers: SummaryWriter) -> None:
-        self.writers = writers
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        for w in self.writers:
-            w.add_scalar(tag, value, step)
-
-    def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        for w in self.writers:
-            w.add_histogram(tag, values, step)
-
-    def add_images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        for w in self.writers:
-            w.add_images(tag, images, step)
-
-    def flush(self) -> None:
-        for w in self.writers:
-            w.flush()
-
-    def close(self) -> None:
-        for w in self.writers:
-            w.close()
-
 
 # ---------------------------------------------------------------- what to record
 
@@ -299,6 +153,16 @@ def current_collection() -> SummaryCollection:
         collection = SummaryCollection()
         _current.set(collection)
     return collection
+
+
+def recording() -> bool:
+    """Whether a train step is running whose summaries are due (summaries added now will be written).
+
+    Code that would do work only to make a summary (a train op's gradient
+    summaries) asks this first, so that steps without summaries do none.
+    """
+    collection = _current.get()
+    return collection is not None and collection.in_step and collection.recording
 
 
 def take_pending() -> SummaryCollection:

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 
 from torchslim import checkpoint
+from torchslim._checks import check_fits
 
 __all__ = [
     "assign_from_checkpoint_fn",
@@ -146,19 +147,15 @@ def _load_state_dict_file(path: str) -> Mapping[str, Any]:
     return obj
 
 
-def _assign(targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], source: str,
+def _assign(targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], source: str, values_are: str,
             ignore_missing_vars: bool) -> int:
     """Copy ``values`` into ``targets`` by name, all or nothing; return how many were assigned."""
-    missing = [name for name in targets if name not in values]
-    if missing and not ignore_missing_vars:
-        raise ValueError(f"{source} has no value for: {', '.join(missing)} "
-                         "(pass ignore_missing_vars=True to skip them, or a dict mapping checkpoint names to variables)")
+    missing = check_fits(targets, values, source, values_are=values_are,
+                         ignore_missing=ignore_missing_vars,
+                         hint="Pass ignore_missing_vars=True to skip missing ones, or a dict mapping checkpoint names "
+                              "to variables")
     for name in missing:
         log.warning("%s has no value for %s; leaving it as it is", source, name)
-    mismatched = [f"{n} (variable {tuple(t.shape)}, value {tuple(values[n].shape)})"
-                  for n, t in targets.items() if n in values and tuple(values[n].shape) != tuple(t.shape)]
-    if mismatched:
-        raise ValueError(f"shape mismatch between {source} and the variables: {', '.join(mismatched)}")
     with torch.no_grad():
         for name, target in targets.items():
             if name in values:
@@ -224,7 +221,8 @@ def assign_from_checkpoint_fn(model_path: str | os.PathLike, var_list: Any = Non
 
     def init_fn(train_op: Any = None) -> None:
         values = load_variables(model_path)
-        count = _assign(_targets(var_list, train_op), values, f"checkpoint {model_path}", ignore_missing_vars)
+        count = _assign(_targets(var_list, train_op), values, f"checkpoint {model_path}", "checkpoint",
+                        ignore_missing_vars)
         log.info("Warm-started %d variables from %s", count, model_path)
 
     return init_fn
@@ -246,6 +244,6 @@ def assign_from_values_fn(name_to_value: Mapping[str, Any], var_list: Any = None
         unknown = [n for n in values if n not in targets]
         if unknown:
             raise ValueError(f"no variables named: {', '.join(unknown)}; known: {', '.join(sorted(targets))}")
-        _assign({n: targets[n] for n in values}, values, "name_to_value", False)
+        _assign({n: targets[n] for n in values}, values, "name_to_value", "value", False)
 
     return init_fn
