@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-quick lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+# For development: everything but the tests marked slow (those that start processes); ~30 s.
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check torchslim tests bench
+	$(VENV)/bin/mypy
 
 # Each prints a table and a last JSON line; they take a few minutes in all.
 bench: $(STAMP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -46,3 +48,11 @@ def problem() -> Logistic:
 def info_logs(caplog):
     caplog.set_level(logging.INFO, logger="torchslim")
     return caplog
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0, poll: float = 0.005) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds (a loaded machine's margin)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s: {what}"
+        time.sleep(poll)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from torchslim import checkpoint, cli
@@ -13,6 +14,7 @@ from torchslim import checkpoint, cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_trains_resumes_and_reports_held_out_accuracy(tmp_path, capsys):
     logdir = tmp_path / "digits"
     assert cli.main(["demo", "--logdir", str(logdir), "--steps", "150"]) == 0
@@ -26,6 +28,7 @@ def test_demo_trains_resumes_and_reports_held_out_accuracy(tmp_path, capsys):
     assert checkpoint.step_of(checkpoint.latest_checkpoint(logdir)) == 170
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli(tmp_path):
     checkpoint.Saver().save({"model": {"w": torch.ones(3)}, "global_step": 3}, tmp_path, 3)
     result = subprocess.run([sys.executable, "-m", "torchslim", "inspect", str(tmp_path)], capture_output=True,

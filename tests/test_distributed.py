@@ -98,6 +98,7 @@ def weights(path) -> dict:
     return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_two_processes_of_batch_32_match_one_process_of_batch_64(tmp_path):
     single = subprocess.run([sys.executable, script(tmp_path), str(tmp_path / "one"), "24", "64"], env=env(),
                             capture_output=True, text=True, timeout=120)
@@ -114,6 +115,7 @@ def test_two_processes_of_batch_32_match_one_process_of_batch_64(tmp_path):
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path / "two")] == [10, 20, 24]
 
 
+@pytest.mark.slow
 def test_a_shuffled_loader_is_split_not_duplicated_and_a_resume_restores_every_process(tmp_path):
     first = torchrun(tmp_path, tmp_path / "run", 10, 32, "shuffle=1")
     assert first.returncode == 0, first.stderr
@@ -126,6 +128,7 @@ def test_a_shuffled_loader_is_split_not_duplicated_and_a_resume_restores_every_p
     assert (state["data"]["epoch"], state["data"]["batch"]) == (2, 8)  # 16 batches of 32 per epoch, 2 per step
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_after_kill_9_and_resumes_to_the_target(tmp_path):
     result = torchrun(tmp_path, tmp_path / "run", 30, 32, "kill_rank=1", "kill_at=15", extra=["--max-restarts=1"])
     assert result.returncode == 0, result.stderr
@@ -135,6 +138,7 @@ def test_torchrun_restarts_after_kill_9_and_resumes_to_the_target(tmp_path):
     assert checkpoint.step_of(latest) == 30 and checkpoint.read_metadata(latest)["final"] is True
 
 
+@pytest.mark.slow
 def test_an_exception_on_one_rank_ends_every_rank_naming_it(tmp_path):
     procs = explicit(tmp_path, tmp_path / "run", 40, "raise_rank=1", "raise_at=5")
     started = time.monotonic()
@@ -146,6 +150,7 @@ def test_an_exception_on_one_rank_ends_every_rank_naming_it(tmp_path):
     assert "rank 0 of 2" in err0 and "another process has probably died" in err0
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_all_at_the_same_step(tmp_path):
     logdir = tmp_path / "run"
     procs = explicit(tmp_path, logdir, 10_000, "mark_at=5", "slow=0.01", "save_every=100000")

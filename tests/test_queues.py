@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import wait_until
 
 from torchslim.queues import (
     Coordinator,
@@ -66,9 +67,16 @@ def test_early_break_in_a_for_loop_stops_the_thread(no_thread_left):
 
 
 def test_close_after_break_stops_a_producer_waiting_for_a_slot(no_thread_left):
-    p = prefetch(range(100), depth=2)
+    made = []
+
+    def source():
+        for i in range(100):
+            made.append(i)
+            yield i
+
+    p = prefetch(source(), depth=2)
     assert next(p) == 0
-    time.sleep(0.05)  # the producer fills its slots and waits
+    wait_until(lambda: len(made) == 3, "the producer never filled its slots")  # now it waits for a slot
     p.close()  # joins: no wait for the fixture's grace period
     assert not [t for t in threading.enumerate() if t.name.startswith("torchslim-prefetch")]
     assert list(p) == []
@@ -171,7 +179,8 @@ def test_consumed_counts_taken_batches_only(no_thread_left):
         assert p.consumed == 0 and p.position == 0
         for _ in range(3):
             next(p)
-        time.sleep(0.1)  # let the producer run ahead
+        wait_until(lambda: len(made) == 3 + 4, "the producer never ran `depth` batches ahead")
+        time.sleep(0.1)  # it could run further ahead now, if it were not bounded
         assert len(made) == 3 + 4  # at most `depth` made but not taken
         assert p.consumed == 3 and p.position == 3
 

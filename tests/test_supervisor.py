@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_until
 
 from torchslim import checkpoint
 from torchslim._data import DataStream
@@ -91,6 +92,7 @@ def assert_bitwise_equal(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefetch", ["0", "1"])
 def test_exact_resume_across_kill_9_is_bitwise_identical(tmp_path, prefetch):
     # 2N = 60 steps in one run, against 20 + 40 steps across a kill -9 at step 27
@@ -127,6 +129,7 @@ def start_endless_trainer(tmp_path: Path, logdir: Path, mark_at: int) -> subproc
     return proc
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
     logdir = tmp_path / "run"
     proc = start_endless_trainer(tmp_path, logdir, 15)
@@ -140,6 +143,7 @@ def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
     assert checkpoint.read_metadata(latest)["final"] is False  # preempted, not finished
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_then_raises_keyboard_interrupt(tmp_path):
     logdir = tmp_path / "run"
     proc = start_endless_trainer(tmp_path, logdir, 5)
@@ -149,6 +153,7 @@ def test_ctrl_c_saves_then_raises_keyboard_interrupt(tmp_path):
     assert checkpoint.step_of(checkpoint.latest_checkpoint(logdir)) >= 5
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
     logdir = tmp_path / "run"
     run_trainer(tmp_path, logdir, 40)  # checkpoints at 20 and 40
@@ -165,6 +170,7 @@ def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     assert final_state(logdir)["data"]["epoch"] * 13 + final_state(logdir)["data"]["batch"] == 45
 
 
+@pytest.mark.slow
 def test_a_truncated_latest_checkpoint_falls_back(tmp_path):
     logdir = tmp_path / "run"
     run_trainer(tmp_path, logdir, 40)
@@ -208,6 +214,7 @@ KILL_DURING_SAVE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when, latest", [("mid-tensors", 2), ("before-rename", 2), ("mid-retention", 3)])
 def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_latest(tmp_path, when, latest):
     script = tmp_path / "saver.py"
@@ -225,28 +232,34 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_latest(tmp_path, whe
     assert not [n for n in os.listdir(logdir) if n.startswith(".")]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_while_saving(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(textwrap.dedent('''
-        import sys, torch
+        import os, sys, torch
         from torchslim import checkpoint
+        logdir, started = sys.argv[1], sys.argv[2]
         saver, step = checkpoint.Saver(max_to_keep=3), 0
         while True:
             step += 1
-            saver.save({"w": torch.full((512, 512), float(step)), "step": step}, sys.argv[1], step)
+            saver.save({"w": torch.full((512, 512), float(step)), "step": step}, logdir, step)
+            if step == 1:
+                open(started, "w").close()  # committed once: from now on every kill lands in a later save
     '''))
     logdir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for delay in (0.9, 1.0, 1.1, 1.25, 1.4):
-        proc = subprocess.Popen([sys.executable, str(script), str(logdir)], env=env)
+    for i, delay in enumerate((0.0, 0.013, 0.029, 0.047, 0.11, 0.23)):
+        started = tmp_path / f"started-{i}"
+        proc = subprocess.Popen([sys.executable, str(script), str(logdir), str(started)], env=env)
+        wait_until(lambda p=proc, f=started: f.exists() or p.poll() is not None, "the saver never committed")
+        assert proc.poll() is None, "the saver ended by itself"
         time.sleep(delay)
         proc.kill()
         proc.wait()
         path = checkpoint.latest_checkpoint(logdir)
-        if path is not None:
-            state = checkpoint.load(path)
-            assert torch.equal(state["w"], torch.full((512, 512), float(state["step"])))
-            assert state["step"] == checkpoint.step_of(path)
+        state = checkpoint.load(path)  # there is one (this process committed one), and it loads
+        assert torch.equal(state["w"], torch.full((512, 512), float(state["step"])))
+        assert state["step"] == checkpoint.step_of(path)
 
 
 # ---------------------------------------------------------------- DataStream
@@ -325,5 +338,39 @@ def test_sigterm_with_a_python_handler_of_the_users_saves_then_calls_it(tmp_path
         assert got == [signal.SIGTERM]  # re-delivered to the user's handler after the final save
         assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path)) == 4
         assert signal.getsignal(signal.SIGTERM) is users_handler  # train() put it back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("how", ["logdir is a file", "init_fn raises"])
+def test_a_run_that_fails_while_starting_closes_what_it_opened(tmp_path, how):
+    # Whatever fails at start, the process's handlers are as they were before the call (Ctrl-C still
+    # stops the program) and no thread or open event file is left behind.
+    import threading
+
+    from conftest import Logistic, batches
+
+    from torchslim.learning import create_train_op, train
+
+    def users_handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, users_handler)
+    try:
+        before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+        threads = set(threading.enumerate())
+        p = Logistic()
+        op = create_train_op(p.loss, p.optimizer)
+        logdir = tmp_path / "run"
+        kwargs = {}
+        if how == "logdir is a file":
+            logdir.write_text("not a directory")
+        else:
+            kwargs["init_fn"] = lambda: 1 / 0
+        with pytest.raises((OSError, ValueError, ZeroDivisionError)):
+            train(op, logdir, batches(), number_of_steps=5, progress_bar=True, **kwargs)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        assert set(threading.enumerate()) == threads
+        assert op.step == 0
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -34,7 +34,7 @@ class SharedGlobalStep(GlobalStep):
     def __init__(self, value: int = 0, context: Any = None) -> None:
         self._shared = (context or multiprocessing.get_context("fork")).Value("q", value)
 
-    @property  # type: ignore[override]
+    @property
     def value(self) -> int:
         return int(self._shared.value)
 
@@ -91,7 +91,7 @@ def _worker_loop(train_op: Any, data: Any, index: int, num_workers: int, step_fn
             return
 
 
-class forked_workers(contextlib.AbstractContextManager):  # type: ignore[type-arg]
+class forked_workers(contextlib.AbstractContextManager["forked_workers"]):
     """Run ``run(index)`` for index 1 .. num_workers - 1 in forked processes while the block runs.
 
     On exit each worker is joined; one that has not ended ``stop_grace_period_secs``

@@ -120,7 +120,7 @@ def _prefixed(state: ModelState, name: str, key: str) -> str:
 
 def named_parameters(state: ModelState) -> list[tuple[str, torch.Tensor]]:
     """The trainable tensors of a train op's state (modules and loose tensors), by variable name."""
-    out = []
+    out: list[tuple[str, torch.Tensor]] = []
     for name, holder in state.items():
         if isinstance(holder, torch.nn.Module):
             out += [(_prefixed(state, name, canonical_name(k)), p) for k, p in holder.named_parameters()]

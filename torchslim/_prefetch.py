@@ -81,7 +81,7 @@ class _Transfer:
             t.record_stream(stream)
 
 
-class Prefetcher(Iterator[Any], contextlib.AbstractContextManager):  # type: ignore[type-arg]
+class Prefetcher(Iterator[Any], contextlib.AbstractContextManager["Prefetcher"]):
     """The iterator :func:`prefetch` returns: a one-thread :class:`QueueRunner` that closes itself."""
 
     def __init__(self, iterable: Iterable[Any], depth: int, transfer: _Transfer | None,

@@ -94,7 +94,7 @@ class Summaries(Service):
     second, ``summary_op``'s scalars and every summary of the collection.
     """
 
-    def __init__(self, train_op: TrainOp, policy: Policy, writer: Any, logdir: str | None, is_chief: bool,
+    def __init__(self, train_op: TrainOp, policy: Policy, writer: Any, logdir: str | os.PathLike[str] | None, is_chief: bool,
                  summary_op: Callable[[TrainOp], Mapping[str, float]] | None) -> None:
         self.train_op, self.policy, self.summary_op = train_op, policy, summary_op
         self._given_writer, self._logdir, self._is_chief = writer, logdir, is_chief
@@ -165,7 +165,7 @@ class Summaries(Service):
 class Trace(Service):
     """A Chrome trace (``torch.profiler``) of the updates its policy makes due, as ``<logdir>/trace-<step>.json``."""
 
-    def __init__(self, policy: Policy, logdir: str | None, is_chief: bool) -> None:
+    def __init__(self, policy: Policy, logdir: str | os.PathLike[str] | None, is_chief: bool) -> None:
         self.policy, self.logdir, self.is_chief = policy, logdir, is_chief
         self._profile: Any = None
 
@@ -223,7 +223,8 @@ class Checkpoints(Service):
     deferred NaN check is read, so that a checkpoint never holds a run that went bad.
     """
 
-    def __init__(self, train_op: TrainOp, saver: checkpoint.Saver | None, policy: Policy, logdir: str | None,
+    def __init__(self, train_op: TrainOp, saver: checkpoint.Saver | None, policy: Policy,
+                 logdir: str | os.PathLike[str] | None,
                  is_chief: bool, state_fn: Callable[[], dict[str, Any]]) -> None:
         self.train_op, self.saver, self.policy = train_op, saver, policy
         self.logdir, self.is_chief, self.state_fn = logdir, is_chief, state_fn

@@ -36,7 +36,7 @@ class TrainConfig:
     """What one ``learning.train`` call was asked to do (see its docstring for each argument)."""
 
     train_op: TrainOp
-    logdir: str | None
+    logdir: str | os.PathLike[str] | None  # made a str (or left None) by __post_init__
     data: Iterable[Any] | None
     train_step_fn: Callable[..., Any]
     train_step_kwargs: Mapping[str, Any] | None = None

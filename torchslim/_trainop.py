@@ -124,7 +124,7 @@ class TrainOp:
             self._backward(self.precision.scale(loss if k == 1 else loss / k))
         loss = loss.detach()
         if k > 1:
-            self._update_loss = loss if first else self._update_loss + loss
+            self._update_loss = loss if first or self._update_loss is None else self._update_loss + loss
         return loss, collected
 
     def apply(self) -> bool:

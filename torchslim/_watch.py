@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 from torchslim import checkpoint
 from torchslim._checks import check_bool, check_callable, check_positive, check_seconds
@@ -92,7 +92,7 @@ class _InOrder:
 
 def checkpoints_iterator(checkpoint_dir: str | os.PathLike, min_interval_secs: float = 0,
                          timeout: float | None = None, timeout_fn: Callable[[], bool] | None = None,
-                         every_checkpoint: bool = False) -> Iterator[str]:
+                         every_checkpoint: bool = False) -> Generator[str, None, None]:
     """Yield new committed checkpoints in ``checkpoint_dir`` as they appear.
 
     By default, as the original, each wait yields the newest checkpoint, so a slow
@@ -122,7 +122,7 @@ def checkpoints_iterator(checkpoint_dir: str | os.PathLike, min_interval_secs: f
 
 
 def _iterate(checkpoint_dir: str | os.PathLike, min_interval_secs: float, timeout: float | None,
-             timeout_fn: Callable[[], bool] | None, every_checkpoint: bool) -> Iterator[str]:
+             timeout_fn: Callable[[], bool] | None, every_checkpoint: bool) -> Generator[str, None, None]:
     sleep = 1.0 if timeout is None else max(0.01, min(1.0, timeout / 10))
     in_order = _InOrder(checkpoint_dir)
     ending = False  # timeout_fn said done: yield only what is already there, then stop

@@ -36,7 +36,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import safetensors.torch
@@ -424,7 +424,7 @@ def describe(path: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def _leaves(tree: Any, prefix: str):
+def _leaves(tree: Any, prefix: str) -> Iterator[tuple[str, str]]:
     """The non-tensor values of a stored state tree, as (slash path, short text); long lists are summarized."""
     if isinstance(tree, dict) and "__tuple__" in tree:
         tree = tree["__tuple__"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _load_module(name: str) -> types.ModuleType:
@@ -32,6 +33,8 @@ def _load_module(name: str) -> types.ModuleType:
         if not os.path.isfile(name):
             raise FileNotFoundError(f"MODULE {name!r} is not a file")
         spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"MODULE {name!r} cannot be loaded as a Python file")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -43,7 +46,7 @@ def _load_module(name: str) -> types.ModuleType:
         raise ValueError(f"MODULE {name!r} cannot be imported: {e}") from e
 
 
-def _load_factory(spec: str) -> object:
+def _load_factory(spec: str) -> Callable[..., Any]:
     """The callable named by ``MODULE:FACTORY``."""
     module_name, _, factory_name = spec.rpartition(":")
     if not module_name or not factory_name:
@@ -130,8 +133,9 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
             raise ValueError(f"FACTORY {args.factory.rpartition(':')[2]!r} must return a torch.nn.Module, "
                              f"got {type(model).__name__}")
         shapes, names = args.input_shape, args.dtype or ["float32"]
-        dtypes = [getattr(torch, n, None) for n in (names * len(shapes) if len(names) == 1 else names)]
-        if len(dtypes) != len(shapes) or not all(isinstance(d, torch.dtype) for d in dtypes):
+        found = [getattr(torch, n, None) for n in (names * len(shapes) if len(names) == 1 else names)]
+        dtypes = [d for d in found if isinstance(d, torch.dtype)]
+        if len(dtypes) != len(shapes) or len(dtypes) != len(found):
             raise ValueError(f"--dtype takes torch dtype names (float32, bfloat16, int64, ...), once or once per "
                              f"--input-shape ({len(shapes)} given), got {names}")
         gen = torch.Generator().manual_seed(0)
@@ -183,7 +187,8 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
         class Printer(summaries.NullWriter):  # one line per evaluation: the scalars of its global step
             def __init__(self) -> None:
-                self.step, self.scalars = None, {}
+                self.step: int | None = None
+                self.scalars: dict[str, float] = {}
 
             def add_scalar(self, tag: str, value: float, step: int) -> None:
                 self.step, self.scalars[tag] = step, value

@@ -74,7 +74,7 @@ def main(logdir: str = "runs/digits", number_of_steps: int = 1500, seed: int = 0
     loader = DataLoader(train_set, batch_size=64, shuffle=True, drop_last=True)
     model = make_model()
 
-    def total_loss(batch):
+    def total_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, labels = batch
         losses.sparse_softmax_cross_entropy(model(images), labels, label_smoothing=LABEL_SMOOTHING)
         return losses.get_total_loss()

@@ -170,7 +170,7 @@ class EvalConfig:
         """``(writer, owned)``: the default one (TensorBoard + metrics.jsonl in ``logdir``) is ours to close."""
         if self.summary_writer is None or (self.summary_writer is DEFAULT and logdir is None):
             return summaries.NullWriter(), False
-        if self.summary_writer is not DEFAULT:
+        if self.summary_writer is not DEFAULT or logdir is None:
             return self.summary_writer, False
         return summaries.default_writer(logdir), True
 
@@ -206,8 +206,11 @@ def _check_restore(model: torch.nn.Module, variables_to_restore: Any) -> list[st
 # ---------------------------------------------------------------- one checkpoint
 
 
-def _read_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], int]:
+def _read_checkpoint(path: str | os.PathLike | None) -> tuple[str, dict[str, torch.Tensor], int]:
     """``(checkpoint path, its model variables, its global step)``; a logdir means its latest checkpoint."""
+    if path is None:
+        raise ValueError("`checkpoint_path` is None, not a checkpoint (did latest_checkpoint() find none?); pass a "
+                         "checkpoint, or a logdir to evaluate its latest one")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"`checkpoint_path` {path!r} does not exist")
@@ -297,7 +300,7 @@ def _evaluate(ev: EvalConfig, path: str, values: Mapping[str, torch.Tensor], ste
     return results
 
 
-def evaluate_once(checkpoint_path: str | os.PathLike, logdir: str | os.PathLike | None, model: torch.nn.Module,
+def evaluate_once(checkpoint_path: str | os.PathLike | None, logdir: str | os.PathLike | None, model: torch.nn.Module,
                   data: Iterable[Any] | None = None, *, metrics: Mapping[str, Any] | None = None,
                   eval_fn: Callable[[Any], tuple[Any, Any]] | None = None, num_evals: int | None = None,
                   initial_op: Callable[[], Any] | None = None, eval_op: Callable[[Any], Any] | None = None,
@@ -419,7 +422,8 @@ def evaluation_loop(checkpoint_dir: str | os.PathLike, logdir: str | os.PathLike
     check_positive_int(max_number_of_evaluations, "max_number_of_evaluations", optional=True)
     check_seconds(eval_interval_secs, "eval_interval_secs")
     paths = checkpoints_iterator(checkpoint_dir, eval_interval_secs, timeout, timeout_fn, every_checkpoint)
-    writer, owned, results, count = None, False, None, 0
+    writer: Any = None
+    owned, results, count = False, None, 0
     try:
         for path in paths:
             read = _read_or_skip(path)

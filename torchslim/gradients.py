@@ -103,7 +103,7 @@ def _resolve_multipliers(
             key = names[key]
         elif not isinstance(key, torch.Tensor):
             raise TypeError(f"gradient_multipliers keys must be parameters or names, got {key!r}")
-        factors[key] = factor
+        factors[key] = float(factor)
     return factors
 
 

@@ -22,6 +22,7 @@ torch.Size([])
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ class LossCollection:
 
     def named(self) -> list[tuple[str, torch.Tensor]]:
         """``(collection/name, loss)`` for every loss, names made unique with ``_1``, ``_2``..."""
-        out, seen = [], {}
+        out: list[tuple[str, torch.Tensor]] = []
+        seen: dict[str, int] = {}
         for collection, items in ((LOSSES, self.losses), (REGULARIZATION_LOSSES, self.regularization_losses)):
             for loss in items:
                 tag = f"{collection}/{self.names.get(id(loss), 'loss')}"
@@ -366,7 +368,7 @@ def hinge_loss(
     return compute_weighted_loss(F.relu(1 - signs * logits), weights, loss_collection, scope or "hinge_loss")
 
 
-def l2_regularization_loss(params, scale: float) -> torch.Tensor:
+def l2_regularization_loss(params: Iterable[torch.Tensor], scale: float) -> torch.Tensor:
     """``scale * sum(||p||^2) / 2`` over ``params``, added as a regularization loss (TF's ``l2_regularizer``).
 
     >>> with collect_losses():

@@ -72,7 +72,7 @@ def _named_tensors(variables: object, include_buffers: bool) -> Iterator[tuple[s
     if isinstance(variables, (str, bytes, torch.Tensor)) or not isinstance(variables, Iterable):
         raise TypeError(_vars_error(variables))
     for item in variables:
-        name, t = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
+        name, t = item if isinstance(item, tuple) and len(item) == 2 else (None, None)  # type: ignore[assignment]
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise TypeError(_vars_error(item, "an item of "))
         yield name, t, "" if t.requires_grad else " (non-trainable)"
@@ -212,7 +212,7 @@ class OpsReport:
             depth = path.count(".") + 1 if path else 0
             if max_depth is None or depth <= max_depth:
                 label = "  " * depth + (path.rsplit(".", 1)[-1] if path else "(root)")
-                rows.append((label, m.type, *(f"{n:,}" for n in (m.calls, m.params, m.output_size, m.flops))))
+                rows.append((label, m.type, *(f"{n:,}" for n in (m.calls, m.params, m.output_size, m.flops))))  # type: ignore[arg-type]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
 
         def fmt(row: tuple[str, ...]) -> str:  # text columns to the left, numbers to the right
@@ -253,8 +253,8 @@ class _ModelState:
                 setattr(m, name, p)
             p.requires_grad_(requires_grad)
             p.grad = grad
-        for p, saved in self.param_copies.values():
-            p.copy_(saved)
+        for tensor, saved in self.param_copies.values():
+            tensor.copy_(saved)
         for m, name, b, saved in self.buffers:
             if getattr(m, name) is not b:
                 setattr(m, name, b)
@@ -277,10 +277,13 @@ class _OpRecorder(TorchDispatchMode):
     def __init__(self, model: nn.Module, state: _ModelState) -> None:
         super().__init__()
         self.paths = {m: name for name, m in model.named_modules()}
-        self.state, self.thread, self.stack = state, threading.get_ident(), []
+        self.state, self.thread = state, threading.get_ident()
+        self.stack: list[Any] = []
         self.ops: list[OpRecord] = []
         self.seen: collections.Counter[str] = collections.Counter()
-        self.calls, self.out_size, self.flops = collections.Counter(), collections.Counter(), collections.Counter()
+        self.calls: collections.Counter[Any] = collections.Counter()
+        self.out_size: collections.Counter[Any] = collections.Counter()
+        self.flops: collections.Counter[Any] = collections.Counter()
         self.writes: dict[Any, list[tuple[int, str]]] = {}
 
     def enter_module(self, module: nn.Module, args: Any) -> None:

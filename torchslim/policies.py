@@ -11,6 +11,7 @@ one clock read. The same shapes serve checkpoints, logging and summaries.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from torchslim._checks import check_positive, check_positive_int
 from torchslim._types import Policy
@@ -33,7 +34,7 @@ class EveryNSteps:
 class EveryNSecs:
     """Due when ``secs`` seconds have passed since it was last due (or created)."""
 
-    def __init__(self, secs: float, clock=time.monotonic) -> None:
+    def __init__(self, secs: float, clock: Callable[[], float] = time.monotonic) -> None:
         check_positive(secs, "secs")
         self.secs = secs
         self._clock = clock
