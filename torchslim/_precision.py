@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+_NOTHING = contextlib.nullcontext()  # reusable: entered every step, made once
+
 
 class Precision:
     """Full precision (fp32): the loss function runs as written and every update is applied."""
@@ -22,7 +24,7 @@ class Precision:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The context the loss function runs under."""
-        return contextlib.nullcontext()
+        return _NOTHING
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """The tensor to back-propagate from."""

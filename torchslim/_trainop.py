@@ -20,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,8 +33,7 @@ from torchslim._types import GlobalStep, GradientSync, GradientTransform, LocalG
 NO_BATCH: Any = object()  # the loss function takes no argument: it reads its own data
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
     """What one call of :meth:`TrainOp.run` produced.
 
     Attributes:
@@ -49,7 +47,7 @@ class StepResult:
 
     loss: torch.Tensor
     losses: losses.LossCollection | None = None
-    applied: bool = True
+    applied: bool = True  # a NamedTuple, not a dataclass: made every step, it must cost nothing
 
 
 class TrainOp:
@@ -120,8 +118,12 @@ class TrainOp:
         self._micro_batches += 1
         k = self.accumulate_steps
         ends_update = self._micro_batches == k
-        with contextlib.nullcontext() if ends_update else self._sync.no_sync():
-            self._backward(self.precision.scale(loss if k == 1 else loss / k))
+        scaled = self.precision.scale(loss if k == 1 else loss / k)
+        if ends_update:
+            self._backward(scaled)
+        else:
+            with self._sync.no_sync():  # an inner micro-batch: nothing to communicate yet
+                self._backward(scaled)
         loss = loss.detach()
         if k > 1:
             self._update_loss = loss if first or self._update_loss is None else self._update_loss + loss

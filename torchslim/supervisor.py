@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torchslim import checkpoint, distributed, queues
@@ -54,6 +54,9 @@ class Supervisor:
             self.train_op, (config.saver or checkpoint.Saver()) if config.logdir is not None else None,
             config.save_policy(), config.logdir, self.is_chief, self.state_dict)
         self.services: list[Service] = []  # those opened, in the order they act after a step
+        # Their bound hooks, only where a service has one: the loop calls these every update.
+        self._before: list[Callable[[int], None]] = []
+        self._after: list[Callable[[int, StepResult], bool]] = []
         self._prefetcher: queues.Prefetcher | None = None
         self._stopped_by_request = False  # a signal here, or a stop agreed with the other processes
         self._stack = contextlib.ExitStack()
@@ -76,6 +79,10 @@ class Supervisor:
         self._stack.callback(service.close)
         if isinstance(service, Service):
             self.services.append(service)
+            if type(service).before_step is not Service.before_step:
+                self._before.append(service.before_step)
+            if type(service).after_step is not Service.after_step:
+                self._after.append(service.after_step)
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
         self._stack.close()
@@ -141,16 +148,16 @@ class Supervisor:
         if self.train_op.update_in_progress:
             return
         step = self.train_op.step + 1
-        for service in self.services:
-            service.before_step(step)
+        for before_step in self._before:
+            before_step(step)
 
     def after_step(self, result: StepResult) -> bool:
         """Run the services after an update; return True when the run must stop (the same on every process)."""
         if not result.applied:
             return False  # an inner micro-batch of an accumulated update
         step, wants_stop = self.train_op.step, False
-        for service in self.services:
-            wants_stop = service.after_step(step, result) or wants_stop
+        for after_step in self._after:
+            wants_stop = after_step(step, result) or wants_stop
         self._stopped_by_request = self.engine.agree_to_stop(wants_stop, step)
         return self._stopped_by_request
 
