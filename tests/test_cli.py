@@ -41,3 +41,29 @@ def test_inspect_reports_a_bad_path_without_a_traceback(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint or logdir" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--steps", "0"], "--steps must be a positive number of steps"),
+    (["analyze", "torchslim.demo:make_model", "--input-shape", "1,3,8,8"],
+     "cannot run on random inputs of --input-shape 1,3,8,8: RuntimeError"),
+    (["eval", "{logdir}", "--model", "torchslim.demo:make_model"], "--model torchslim.demo:make_model needs --data"),
+    (["inspect", "{truncated}"], "cannot be read"),
+    (["eval", "{truncated}"], "is corrupt"),
+])
+def test_every_command_reports_a_mistake_in_one_line_with_status_2(tmp_path, capsys, argv, message):
+    checkpoint.Saver().save({"model": {"w": torch.ones(64, 64)}, "global_step": 3}, tmp_path / "run", 3)
+    tensors = tmp_path / "run" / "model.ckpt-3" / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    argv = [a.format(logdir=tmp_path / "run", truncated=tmp_path / "run") for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_help_says_what_the_command_does(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "TF-Slim's training system for PyTorch" in out and "``" not in out

@@ -540,3 +540,15 @@ def test_prefetched_evaluation_gives_the_same_results_and_leaves_no_thread(tmp_p
     assert set(threading.enumerate()) == before
     with pytest.raises(ValueError, match="prefetch"):
         evaluation.evaluate_once(path, None, model, data, metrics=metrics, prefetch=0)
+
+
+def test_a_logdir_that_is_a_file_or_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    path = save(tmp_path / "run", nn.Linear(4, 1), 3)
+    afile = tmp_path / "events.txt"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="`logdir` .* is a file"):
+        evaluation.evaluate_once(path, afile, nn.Linear(4, 1), batches(1))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="`checkpoint_path` is None"):
+        evaluation.evaluate_once(checkpoint.latest_checkpoint(tmp_path / "empty"), tmp_path / "eval", nn.Linear(4, 1))
+    assert not (tmp_path / "eval").exists()

@@ -370,10 +370,19 @@ def test_reiterable_data_runs_several_epochs(problem, tmp_path):
     assert (state["data"]["epoch"], state["data"]["batch"]) == (3, 1)
 
 
-def test_empty_data_takes_no_step(problem, tmp_path):
+@pytest.mark.parametrize("data", ["list", "drop_last"])
+def test_data_that_yields_no_batch_is_an_error_and_writes_nothing(problem, tmp_path, data):
+    # An evaluator waiting for the end would otherwise score untrained weights marked final.
+    if data == "list":
+        data = []
+    else:
+        inputs, labels = batches(1, 10)[0]
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=32,
+                                           drop_last=True)
     op = create_train_op(problem.loss, problem.optimizer)
-    assert train(op, tmp_path, [], number_of_steps=10) is None
-    assert op.step == 0
+    with pytest.raises(ValueError, match="`data` yielded no batch"):
+        train(op, tmp_path, data, number_of_steps=10)
+    assert op.step == 0 and checkpoint.list_checkpoints(tmp_path) == []
 
 
 def test_logdir_none_trains_without_writing(problem, tmp_path, monkeypatch):
@@ -526,3 +535,21 @@ def test_deferred_numerics_check_reads_nothing_per_step_and_reports_at_the_flush
     assert reads == [] and op.step == 6
     with pytest.raises(NonFiniteError, match=r"NaN or Inf at some global step in \[1, 6\]"):
         op.flush_numerics_check()
+
+
+def test_a_logdir_that_is_a_file_is_refused_before_anything_is_made(problem, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    op = create_train_op(problem.loss, problem.optimizer)
+    for logdir in (afile, afile / "run"):
+        with pytest.raises(ValueError, match=r"`logdir` .*notes\.txt.* it must be a directory"):
+            train(op, logdir, batches(), number_of_steps=3)
+    assert afile.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_an_optimizer_of_another_model_is_named_as_such(problem):
+    other = torch.nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="the optimizer's parameters are not those of the modules the loss function"):
+        create_train_op(problem.loss, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="the optimizer's parameters are not the model's"):
+        create_train_op(problem.loss, torch.optim.SGD(other.parameters(), lr=0.1), model=problem.model)

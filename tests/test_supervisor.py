@@ -374,3 +374,39 @@ def test_a_run_that_fails_while_starting_closes_what_it_opened(tmp_path, how):
         assert op.step == 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+QUIET_SCRIPT = textwrap.dedent('''
+    import logging, sys
+    import torch
+    from torchslim import learning, losses
+    if sys.argv[2] == "configured":
+        logging.basicConfig(level=logging.WARNING)
+    if sys.argv[2] == "bar":
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="LOG %(message)s")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(5)]
+    op = learning.create_train_op(lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]),
+                                  torch.optim.SGD(model.parameters(), lr=0.1))
+    learning.train(op, sys.argv[1], data, number_of_steps=20, log_every_n_steps=5, progress_bar=sys.argv[2] == "bar")
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logging_setup", ["none", "configured", "bar"])
+def test_log_lines_show_without_logging_set_up_and_never_break_the_progress_bar(tmp_path, logging_setup):
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), logging_setup], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    if logging_setup == "none":  # as absl does: the run is visible without any logging set-up
+        assert "torchslim INFO: global step 20: loss =" in err and "torchslim INFO: Saved" in err
+    elif logging_setup == "configured":  # the application's choice (warnings only) is respected
+        assert "global step" not in err and "Saved" not in err
+    else:
+        segments = [s for s in err.replace("\r", "\n").split("\n") if "global step" in s]
+        assert len(segments) == 4 and all(s.startswith("LOG global step") and "step/s" not in s for s in segments)
+        assert "20/20" in err  # the bar was shown

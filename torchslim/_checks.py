@@ -17,6 +17,7 @@ TypeError: `timeout` must be a number of seconds >= 0 or None, got '1'
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,6 +88,19 @@ def check_non_negative(value: object, name: str, *, optional: bool = False, what
 def check_seconds(value: object, name: str, *, optional: bool = False) -> None:
     """A duration that may be zero (a timeout, a grace period): a number of seconds >= 0 (or None)."""
     check_non_negative(value, name, optional=optional, what="a number of seconds")
+
+
+def check_directory(path: str | os.PathLike[str] | None, name: str) -> None:
+    """``path`` is None, a directory, or nothing yet (to be made): not a file, not under one."""
+    if path is None:
+        return
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"is under a file ({probe})"
+        raise ValueError(f"`{name}` {path!r} {where}; it must be a directory (or not exist yet, to be made)")
 
 
 def check_fits(targets: Mapping[str, torch.Tensor], values: Mapping[str, Any], source: str, *,

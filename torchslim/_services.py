@@ -203,8 +203,12 @@ class ProgressBar(Service):
 
     def start(self) -> None:
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self._bar = tqdm(total=self.total, initial=self.initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+        # While the bar is shown, log lines are written above it, not into its line.
+        self._redirect = logging_redirect_tqdm([lg for lg in (logging.root, log) if lg.handlers])
+        self._redirect.__enter__()
 
     def after_step(self, step: int, result: StepResult) -> bool:
         self._bar.update(step - self._bar.n)
@@ -213,6 +217,7 @@ class ProgressBar(Service):
         return False
 
     def close(self) -> None:
+        self._redirect.__exit__(None, None, None)
         self._bar.close()
 
 

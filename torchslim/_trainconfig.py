@@ -22,6 +22,7 @@ from torchslim import checkpoint, distributed, policies
 from torchslim._checks import (
     check_bool,
     check_callable,
+    check_directory,
     check_non_negative_int,
     check_positive,
     check_positive_int,
@@ -85,6 +86,7 @@ class TrainConfig:
         if self.logdir is not None and not isinstance(self.logdir, (str, os.PathLike)):
             raise TypeError(f"`logdir` must be a path or None, got {self.logdir!r}")
         self._decide("logdir", None if self.logdir is None else os.fspath(self.logdir))
+        check_directory(self.logdir, "logdir")
         if self.logdir is None:
             for name, given in (("saver", self.saver is not None),
                                 ("save_interval_steps", self.save_interval_steps is not None),

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -62,35 +61,41 @@ class TensorBoardWriter(NullWriter):
     changes the weights); one background thread computes histograms (with torch,
     ``buckets`` equal-width buckets, far cheaper than NumPy's exponential
     buckets on large tensors), encodes images and writes, in call order. Errors
-    of the background thread are raised by the next call.
+    of the background thread are raised by the next call. The event file and
+    the thread are made by the first write: a run that writes nothing leaves
+    no empty event file behind.
     """
 
     def __init__(self, logdir: str | os.PathLike, flush_secs: int = 30, buckets: int = 30) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from torch.utils.tensorboard import SummaryWriter as _TorchWriter
-
         self.logdir = os.fspath(logdir)
-        self.buckets = buckets
-        self._writer = _TorchWriter(self.logdir, flush_secs=flush_secs)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="torchslim-summaries")
+        self.buckets, self.flush_secs = buckets, flush_secs
+        self._writer: Any = None
+        self._pool: Any = None
         self._pending: list[Any] = []
 
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+    def _submit(self, name: str, *args: Any) -> None:
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from torch.utils.tensorboard import SummaryWriter as _TorchWriter
+
+            self._writer = _TorchWriter(self.logdir, flush_secs=self.flush_secs)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="torchslim-summaries")
         done = [f for f in self._pending if f.done()]
         for f in done:
             self._pending.remove(f)
             f.result()  # re-raises an error of the background thread here
+        fn = self._histogram if name == "histogram" else getattr(self._writer, name)
         self._pending.append(self._pool.submit(fn, *args))
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._submit(self._writer.add_scalar, tag, value, step)
+        self._submit("add_scalar", tag, value, step)
 
     def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        self._submit(self._histogram, tag, values.detach().to("cpu", torch.float32, copy=True).flatten(), step)
+        self._submit("histogram", tag, values.detach().to("cpu", torch.float32, copy=True).flatten(), step)
 
     def add_images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        self._submit(self._writer.add_images, tag, images.detach().to("cpu", copy=True), step, None, "NCHW")
+        self._submit("add_images", tag, images.detach().to("cpu", copy=True), step, None, "NCHW")
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         total, squares = float(values.sum()), float(values.dot(values))
@@ -111,9 +116,12 @@ class TensorBoardWriter(NullWriter):
         pending, self._pending = self._pending, []
         for f in pending:
             f.result()
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
+        if self._writer is None:
+            return
         try:
             self.flush()
         finally:
@@ -126,18 +134,22 @@ class JsonlWriter(NullWriter):
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self._file: Any = None  # opened by the first write: nothing written, no file
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
         record = {"step": step, "tag": tag, "value": value, "wall_time": time.time()}
         self._file.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class MultiWriter(NullWriter):

@@ -73,6 +73,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from torchslim import demo
 
+        if args.steps < 1:
+            raise ValueError(f"--steps must be a positive number of steps (the global step to train to), got {args.steps}")
         demo.main(logdir=args.logdir, number_of_steps=args.steps, seed=args.seed)
         return 0
 
@@ -89,9 +91,14 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path")
 
     def run(args: argparse.Namespace) -> int:
+        import safetensors
+
         from torchslim import checkpoint
 
-        print(checkpoint.describe(args.path))
+        try:
+            print(checkpoint.describe(args.path))
+        except safetensors.SafetensorError as e:  # a truncated or garbled tensor file
+            raise checkpoint.CorruptCheckpointError(f"checkpoint {args.path} cannot be read: {e}") from e
         return 0
 
     p.set_defaults(run=run)
@@ -142,8 +149,13 @@ def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
         inputs = [torch.randn(s, dtype=d, generator=gen) if d.is_floating_point or d.is_complex
                   else torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
         model.train(args.train_mode)
+        try:
+            report = model_analyzer.profile_ops(model, *inputs)
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:  # the model's own forward rejected the inputs
+            given = " ".join(f"--input-shape {','.join(map(str, s))}" for s in shapes)
+            raise ValueError(f"the model from {args.factory} cannot run on random inputs of {given}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         model_analyzer.analyze_vars(model, print_info=True, include_buffers=True)
-        report = model_analyzer.profile_ops(model, *inputs)
         print(report.listing(), report.table(), sep="\n\n")
         return 0
 
@@ -179,6 +191,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
         if not args.watch and checkpoint.latest_checkpoint(args.logdir) is None:
             raise ValueError(f"LOGDIR {args.logdir!r} holds no checkpoint (use --watch to wait for one)")
+        if args.model and not args.data:
+            raise ValueError(f"--model {args.model} needs --data MODULE:FACTORY, its held-out batches: the default data "
+                             "are the digits demo's, for the demo's model only")
         model = _load_factory(args.model)() if args.model else demo.make_model()
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"--model {args.model!r} must return a torch.nn.Module, got {type(model).__name__}")
@@ -220,14 +235,23 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="torchslim", description=__doc__.splitlines()[0])
+    """Run the ``torchslim`` command with ``argv`` (default: the process's arguments); return its exit status.
+
+    A mistake of the user's (a bad argument, a missing or corrupt checkpoint, a
+    file that cannot be read) is printed as one line and returns 2.
+    """
+    parser = argparse.ArgumentParser(
+        prog="torchslim",
+        description="torchslim: TF-Slim's training system for PyTorch. Train the demo, inspect a checkpoint, "
+        "analyze a model's ops and variables, or evaluate a run's checkpoints.",
+        epilog="`torchslim COMMAND --help` describes each command.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_inspect, _add_analyze, _add_eval):
         add(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError, ArithmeticError) as e:  # torchslim's errors, and the file system's
         print(f"torchslim {args.command}: error: {e}", file=sys.stderr)
         return 2
 

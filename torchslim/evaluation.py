@@ -30,14 +30,15 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from torchslim import checkpoint, queues, summaries, variables
-from torchslim._checks import check_callable, check_fits, check_positive_int, check_seconds
+from torchslim._checks import check_callable, check_directory, check_fits, check_positive_int, check_seconds
+from torchslim._logs import default_logging
 from torchslim._metrics import as_scalars, check_metrics
 from torchslim._prefetch import prefetch_depth
 from torchslim._types import DEFAULT
@@ -354,13 +355,15 @@ def evaluate_once(checkpoint_path: str | os.PathLike | None, logdir: str | os.Pa
                         initial_op=initial_op, eval_op=eval_op, final_op=final_op,
                         variables_to_restore=variables_to_restore, summary_writer=summary_writer, hooks=hooks,
                         prefetch=prefetch)
-    path, values, step = _read_checkpoint(checkpoint_path)
-    writer, owned = config.open_writer(logdir)
-    try:
-        return _evaluate(config, path, values, step, writer)
-    finally:
-        if owned:
-            writer.close()
+    check_directory(logdir, "logdir")
+    with default_logging():
+        path, values, step = _read_checkpoint(checkpoint_path)
+        writer, owned = config.open_writer(logdir)
+        try:
+            return _evaluate(config, path, values, step, writer)
+        finally:
+            if owned:
+                writer.close()
 
 
 # ---------------------------------------------------------------- the loop
@@ -416,12 +419,20 @@ def evaluation_loop(checkpoint_dir: str | os.PathLike, logdir: str | os.PathLike
                         initial_op=initial_op, eval_op=eval_op, final_op=final_op,
                         variables_to_restore=variables_to_restore, summary_writer=summary_writer, hooks=hooks,
                         prefetch=prefetch)
+    check_directory(logdir, "logdir")
     if isinstance(data, Iterator):
         raise ValueError(f"`data` is a one-shot iterator ({type(data).__name__}): it would be empty from the second "
                          "evaluation on; pass a re-iterable such as a DataLoader or a list")
     check_positive_int(max_number_of_evaluations, "max_number_of_evaluations", optional=True)
     check_seconds(eval_interval_secs, "eval_interval_secs")
-    paths = checkpoints_iterator(checkpoint_dir, eval_interval_secs, timeout, timeout_fn, every_checkpoint)
+    with default_logging():
+        return _evaluate_each(checkpoints_iterator(checkpoint_dir, eval_interval_secs, timeout, timeout_fn,
+                                                   every_checkpoint), config, logdir, max_number_of_evaluations)
+
+
+def _evaluate_each(paths: Generator[str, None, None], config: EvalConfig, logdir: str | os.PathLike | None,
+                   max_number_of_evaluations: int | None) -> dict[str, float] | None:
+    """Evaluate each checkpoint ``paths`` yields, into one writer opened at the first."""
     writer: Any = None
     owned, results, count = False, None, 0
     try:

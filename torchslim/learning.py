@@ -38,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchslim import checkpoint, distributed, gradients, summaries
 from torchslim._checks import check_bool, check_callable, check_non_negative
+from torchslim._logs import default_logging
 from torchslim._modelstate import add_update_op, find_model_state, named_parameters, registered_update_ops
 from torchslim._trainconfig import TrainConfig
 from torchslim._trainop import NO_BATCH, StepResult, TrainOp
@@ -191,12 +192,20 @@ def _model_state(total_loss: Callable[..., Any], optimizer: torch.optim.Optimize
                         f"got {model!r}")
     owned = {id(t) for holder in state.values()
              for t in (holder.parameters() if isinstance(holder, torch.nn.Module) else [holder])}
-    stray = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    stray = [tuple(p.shape) for p in params if id(p) not in owned]
+    names = ", ".join(k or "<the model>" for k in state) or "none"
+    if stray and state and len(stray) == len(params) and model is not None:
+        raise ValueError(f"the optimizer's parameters are not the model's: none of its {len(params)} parameter(s) "
+                         f"(shapes {stray[:5]}) belongs to `model`; make the optimizer from model.parameters()")
+    if stray and state and len(stray) == len(params):
+        raise ValueError(f"the optimizer's parameters are not those of the modules the loss function uses ({names}): "
+                         f"none of its {len(params)} parameter(s) (shapes {stray[:5]}) belongs to them. Was the "
+                         "optimizer made from another model's parameters?")
     if stray:
         raise ValueError(
             f"the optimizer updates {len(stray)} parameter(s) (shapes {stray[:5]}) that belong to none of the "
-            f"modules {how} ({', '.join(k or '<the model>' for k in state) or 'none'}); "
-            "pass the model explicitly: create_train_op(..., model=my_model)"
+            f"modules {how} ({names}); pass the model explicitly: create_train_op(..., model=my_model)"
         )
     return state
 
@@ -391,7 +400,7 @@ def train(
     step_fn = _run_step if train_step_fn is train_step else _with_step_result(train_step_fn)
     kwargs = config.step_kwargs()
     result = None
-    with Supervisor(config) as sv, distributed.naming_the_rank(config.cluster):
+    with default_logging(), Supervisor(config) as sv, distributed.naming_the_rank(config.cluster):
         sv.restore_or_initialize()
         with sv.workers(step_fn, kwargs):
             for batch in sv.batches():

@@ -173,6 +173,11 @@ class Supervisor:
     def finish(self, result: StepResult | None) -> None:
         """The final summaries and checkpoint (unless already written at this step)."""
         step = self.train_op.step
+        if result is None and self.config.data is not None and not self.target_reached():
+            # Not a run that ended: one that never began. Saving now would mark untrained weights final.
+            raise ValueError(f"`data` yielded no batch ({type(self.config.data).__name__}); nothing was trained and "
+                             "no checkpoint written. Is it empty, or a DataLoader with drop_last=True and fewer "
+                             "samples than batch_size?")
         if result is not None and (self.summaries.last_written is None or self.summaries.last_written[0] != step):
             self.summaries.write(step, result)
         ended_normally = not self._stopped_by_request  # target reached or data ran out
