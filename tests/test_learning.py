@@ -553,3 +553,50 @@ def test_an_optimizer_of_another_model_is_named_as_such(problem):
         create_train_op(problem.loss, torch.optim.SGD(other.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="the optimizer's parameters are not the model's"):
         create_train_op(problem.loss, torch.optim.SGD(other.parameters(), lr=0.1), model=problem.model)
+
+
+def test_resuming_with_another_optimizer_or_hyperparameters_says_so(problem, tmp_path, caplog):
+    train(create_train_op(problem.loss, problem.optimizer), tmp_path, batches(), number_of_steps=4)
+    adam = torch.optim.Adam(problem.model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match=r"holds the state of a torch\.optim\.sgd\.SGD; this run's optimizer is a "
+                                         r"torch\.optim\.adam\.Adam"):
+        train(create_train_op(problem.loss, adam), tmp_path, batches(), number_of_steps=8)
+    # Same optimizer, another learning rate in code: the checkpoint's is restored, and the log says which differ.
+    caplog.set_level("WARNING", logger="torchslim")
+    faster = torch.optim.SGD(problem.model.parameters(), lr=0.05, momentum=0.9)
+    train(create_train_op(problem.loss, faster), tmp_path, batches(), number_of_steps=8)
+    assert "group 0 lr: checkpoint 0.5, this run 0.05" in caplog.text
+    assert faster.param_groups[0]["lr"] == 0.5
+
+
+def test_a_scheduled_learning_rate_is_no_difference_on_resume(problem, tmp_path, caplog):
+    def run(steps):
+        p = Logistic()
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(p.optimizer, gamma=0.9)
+        train(create_train_op(p.loss, p.optimizer, lr_scheduler=scheduler), tmp_path, batches(), number_of_steps=steps)
+
+    run(4)
+    caplog.set_level("WARNING", logger="torchslim")
+    run(8)
+    assert "hyperparameters differ" not in caplog.text
+
+
+def test_a_checkpoint_from_before_the_optimizer_type_was_recorded_is_still_checked(problem):
+    state = create_train_op(problem.loss, problem.optimizer).state_dict()
+    del state["optimizer_class"]  # as written by torchslim 0.1.0
+    adam_op = create_train_op(problem.loss, torch.optim.Adam(problem.model.parameters()))
+    with pytest.raises(ValueError, match=r"hyperparameters \[.*'momentum'.*\]; this run's torch\.optim\.adam\.Adam"):
+        adam_op.load_state_dict(state)
+    two_groups = torch.optim.SGD([{"params": [problem.model.weight]}, {"params": [problem.model.bias]}], lr=0.5,
+                                 momentum=0.9)
+    with pytest.raises(ValueError, match=r"param groups of \[2\] parameters; this run's has groups of \[1, 1\]"):
+        create_train_op(problem.loss, two_groups).load_state_dict(state)
+
+
+def test_each_checkpoint_is_reported_once(problem, tmp_path, info_logs):
+    train(create_train_op(problem.loss, problem.optimizer), tmp_path, batches(), number_of_steps=8,
+          save_interval_steps=4)
+    saved = [r.getMessage() for r in info_logs.records if r.getMessage().startswith("Saved ")]
+    assert [m.split()[1].rsplit("-", 1)[1] for m in saved] == ["4", "8"]
+    assert any(r.getMessage().startswith("Marked ") and r.getMessage().endswith("model.ckpt-8 as the final checkpoint "
+                                                                                "of the run") for r in info_logs.records)

@@ -344,3 +344,24 @@ def test_other_bad_arguments():
         losses.l2_regularization_loss([torch.ones(1)], scale=-1)
     with pytest.raises(ValueError, match="`params` is empty"):
         losses.l2_regularization_loss([], scale=0.1)
+
+
+def test_class_indices_given_to_the_one_hot_loss_point_to_the_sparse_one():
+    with pytest.raises(ValueError, match=r"class indices .* use sparse_softmax_cross_entropy"):
+        losses.softmax_cross_entropy(torch.zeros(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"log_loss is a binary loss: .* use sparse_softmax_cross_entropy"):
+        losses.log_loss(torch.rand(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_a_log_loss_outside_its_domain_is_caught_by_check_numerics_by_name():
+    from torchslim.learning import NonFiniteError, create_train_op
+
+    model = torch.nn.Linear(2, 1)
+
+    def total_loss(batch):
+        losses.log_loss(model(batch).squeeze(1).abs() + 1.5, torch.zeros(4))  # "probabilities" above 1: NaN
+        return losses.get_total_loss()
+
+    op = create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(NonFiniteError, match=r"the loss is nan \(losses/log_loss = nan\)"):
+        op(torch.ones(4, 2))

@@ -338,3 +338,50 @@ def test_histograms_read_back_with_their_statistics(tmp_path):
     assert sum(h.bucket) == 4 and h.bucket_limit[-1] == pytest.approx(3.0)
     (flat,) = acc.Histograms("flat")
     assert (flat.histogram_value.num, list(flat.histogram_value.bucket)) == (3, [3.0])
+
+
+def test_the_final_summary_carries_each_loss_and_a_run_that_writes_nothing_leaves_no_file(tmp_path):
+    p = Logistic()
+    op = create_train_op(p.loss, p.optimizer)
+    train(op, tmp_path, batches(), number_of_steps=5)  # summaries every 600 s: only the final one is written
+    assert scalars(tmp_path, "losses/sigmoid_cross_entropy") == pytest.approx({5: scalars(tmp_path, "total_loss")[5]})
+    assert list(scalars(tmp_path, "learning_rate")) == [5]
+    files = sorted(os.listdir(tmp_path))
+    train(op, tmp_path, batches(), number_of_steps=5)  # resumed with nothing left to train: writes nothing
+    assert sorted(os.listdir(tmp_path)) == files
+
+
+@pytest.mark.slow
+def test_tensorboard_shows_the_demo_run_as_a_showcase(tmp_path):
+    from torchslim import demo
+
+    logdir = tmp_path / "digits"
+    demo.main(str(logdir), number_of_steps=300)
+    port = free_port()
+    tensorboard = Path(sys.executable).with_name("tensorboard")
+    server = subprocess.Popen([str(tensorboard), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
+                               "--load_fast=false", "--reload_interval", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def get(path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline, tags = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and "eval" not in tags:
+            try:
+                tags = get("/data/plugin/scalars/tags")
+            except OSError:
+                time.sleep(0.5)
+        assert "eval" in tags, "tensorboard did not list the runs in 60 s"
+        assert {"total_loss", "losses/sparse_softmax_cross_entropy", "learning_rate", "global_step/sec"} <= set(tags["."])
+        loss = get("/data/plugin/scalars/scalars?run=.&tag=total_loss")
+        accuracy = get("/data/plugin/scalars/scalars?run=eval&tag=accuracy")
+        assert len(loss) >= 10 and [step for _, step, _ in loss][:2] == [25, 50]
+        assert [step for _, step, _ in accuracy] == [250, 300] and all(0.5 < v <= 1 for _, _, v in accuracy)
+        histograms = get("/data/plugin/histograms/tags")["."]
+        assert {"0.weight", "9.weight", "11.bias"} <= set(histograms)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -141,6 +142,9 @@ def test_sigterm_saves_a_final_checkpoint_then_ends_the_process(tmp_path):
     step = checkpoint.step_of(latest)
     assert step >= 15 and checkpoint.load(latest)["global_step"] == step
     assert checkpoint.read_metadata(latest)["final"] is False  # preempted, not finished
+    # The final summary (off the 600 s schedule) carries the step's named losses too.
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["tag"] for r in records if r["step"] == step} >= {"total_loss", "losses/sparse_softmax_cross_entropy"}
 
 
 @pytest.mark.slow

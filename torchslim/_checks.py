@@ -128,3 +128,46 @@ def check_fits(targets: Mapping[str, torch.Tensor], values: Mapping[str, Any], s
         raise ValueError(f"{source} does not fit the model: {'; '.join(problems)}{'. ' + hint if hint else ''}")
     return missing
 
+
+
+def check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], saved_class: str | None,
+                         source: str) -> list[str]:
+    """Raise ``ValueError`` unless ``saved`` (an optimizer's state_dict) can be loaded into ``optimizer``.
+
+    The optimizer's type (when the checkpoint recorded it), its hyperparameter
+    names and its param-group layout must match. Returns the hyperparameters
+    whose values differ, as ``"group 0 lr: checkpoint 0.1, this run 0.05"``: the
+    checkpoint's values are the ones that load (PyTorch's ``load_state_dict``).
+    """
+    ours = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    groups, saved_groups = optimizer.param_groups, list(saved.get("param_groups", []))
+    fix = ("resume with the optimizer it was trained with, or train in a new logdir and warm-start the weights "
+           "with init_fn=variables.assign_from_checkpoint_fn(...)")
+    if saved_class is not None and saved_class != ours:
+        raise ValueError(f"{source} holds the state of a {saved_class}; this run's optimizer is a {ours}: {fix}")
+    keys = [sorted(set(g) - {"params"}) for g in groups]
+    saved_keys = [sorted(set(g) - {"params"}) for g in saved_groups]
+    if saved_groups and keys and set(saved_keys[0]) != set(keys[0]) and saved_class is None:
+        raise ValueError(f"{source} holds an optimizer with hyperparameters {saved_keys[0]}; this run's {ours} has "
+                         f"{keys[0]} (another type of optimizer?): {fix}")
+    layout = [len(g["params"]) for g in groups]
+    saved_layout = [len(g["params"]) for g in saved_groups]
+    if layout != saved_layout:
+        raise ValueError(f"{source} holds an optimizer with param groups of {saved_layout} parameters; this run's "
+                         f"has groups of {layout}: the model or the optimizer's param_groups changed. {fix}")
+    differ = []
+    for i, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+        for key in sorted(set(group) & set(saved_group) - {"params"}):
+            if key == "lr" and "initial_lr" in group and "initial_lr" in saved_group:
+                continue  # a scheduler's current value; its starting point is compared as initial_lr
+            if not _same(group[key], saved_group[key]):
+                differ.append(f"group {i} {key}: checkpoint {saved_group[key]!r}, this run {group[key]!r}")
+    return differ
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)

@@ -246,7 +246,10 @@ class Checkpoints(Service):
         if self.logdir is None or self.saver is None or not self.is_chief:
             return
         step = self.train_op.step
-        started = time.monotonic()
+        started, again = time.monotonic(), step == self.last_saved_step
         path = self.saver.save(self.state_fn(), self.logdir, step, final=final)
         self.last_saved_step = step
-        log.info("Saved %s in %.2f s", path, time.monotonic() - started)
+        if again:  # the run ended right after a periodic save: the same step, now marked final for evaluators
+            log.info("Marked %s as the final checkpoint of the run", path)
+        else:
+            log.info("Saved %s in %.2f s", path, time.monotonic() - started)

@@ -18,6 +18,7 @@ The phases, in the order they run (:meth:`TrainOp.run`)::
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -25,10 +26,12 @@ from typing import Any, NamedTuple
 import torch
 
 from torchslim import losses, summaries
-from torchslim._checks import check_fits
+from torchslim._checks import check_fits, check_optimizer_fits
 from torchslim._modelstate import ModelState, model_variables, named_parameters
 from torchslim._precision import Precision
 from torchslim._types import GlobalStep, GradientSync, GradientTransform, LocalGradients, NonFiniteError
+
+log = logging.getLogger("torchslim")
 
 NO_BATCH: Any = object()  # the loss function takes no argument: it reads its own data
 
@@ -110,7 +113,7 @@ class TrainOp:
         if self._sync_numerics is None:
             self._first_step_checks(loss)
         if self.check_numerics:
-            self._check_loss(loss)
+            self._check_loss(loss, collected)
         first = self._micro_batches == 0
         if first:  # after the check: a NaN message names the previous step's gradients
             for p in self._all_params:
@@ -180,10 +183,11 @@ class TrainOp:
         # the pipeline, so there the check is deferred to the next log/save point.
         self._sync_numerics = loss.device.type == "cpu"
 
-    def _check_loss(self, loss: torch.Tensor) -> None:
+    def _check_loss(self, loss: torch.Tensor, collected: losses.LossCollection) -> None:
         if self._sync_numerics:
             if not math.isfinite(loss.item()):  # host sync, free on the CPU
-                raise self._nonfinite_error(f"the loss is {loss.item()}")
+                bad = [f"{tag} = {t.item()}" for tag, t in collected.named() if not bool(torch.isfinite(t).all())]
+                raise self._nonfinite_error(f"the loss is {loss.item()}" + (f" ({', '.join(bad)})" if bad else ""))
             return
         finite = torch.isfinite(loss.detach())
         if self._pending_finite is None:
@@ -258,6 +262,7 @@ class TrainOp:
         state: dict[str, Any] = {
             "model": {k: v.detach() for k, v in self.model_variables().items()},
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}",
         }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
@@ -272,6 +277,12 @@ class TrainOp:
         variables = self.model_variables()
         saved = state["model"]
         check_fits(variables, saved, "the checkpoint", unexpected=sorted(set(saved) - set(variables)))
+        differ = check_optimizer_fits(self.optimizer, state["optimizer"], state.get("optimizer_class"), "the checkpoint")
+        if differ:
+            log.warning("The checkpoint's optimizer hyperparameters differ from this run's; the checkpoint's are "
+                        "restored, as torch.optim's load_state_dict does: %s. To train with other values, start a "
+                        "new logdir warm-started from this one (init_fn=variables.assign_from_checkpoint_fn(...))",
+                        "; ".join(differ))
         with torch.no_grad():
             for k, t in variables.items():
                 t.copy_(saved[k])

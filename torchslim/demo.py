@@ -2,15 +2,16 @@
 
 ``torchslim demo`` (or ``python -m torchslim demo``) trains with a fixed
 train/held-out split, checkpoints into ``runs/digits``, and prints the held-out
-accuracy, measured by ``evaluation.evaluate_once`` on the latest checkpoint; its
-summaries go to ``runs/digits/eval``, so TensorBoard shows them as run ``eval``
-beside the training curves, under the same tags. Run it again and it continues
+accuracy, measured by ``evaluation.evaluate_once`` on each checkpoint it wrote;
+those summaries go to ``runs/digits/eval``, so TensorBoard shows them as run
+``eval`` beside the training curves, under the same tags. Run it again and it continues
 from its latest checkpoint; give it a larger ``--steps`` to train further. It is
 written the way a user would write their own script, with the public API only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim import checkpoint, evaluation, learning, losses
+from torchslim import checkpoint, evaluation, learning, losses, summaries
 
 HELD_OUT = 360  # of the 1797 digits; the split is fixed, whatever the seed
 LABEL_SMOOTHING = 0.05
@@ -67,7 +68,14 @@ def eval_metrics() -> dict[str, object]:
 
 
 def main(logdir: str = "runs/digits", number_of_steps: int = 1500, seed: int = 0) -> float:
-    """Train (or resume) the digits CNN up to ``number_of_steps``; print and return the held-out accuracy."""
+    """Train (or resume) the digits CNN up to ``number_of_steps``; print and return the held-out accuracy.
+
+    Every 25 steps it writes summaries (total loss, the loss by name, learning
+    rate, steps per second, a histogram of each weight); every 250 steps a
+    checkpoint; afterwards each checkpoint not yet evaluated is evaluated on the
+    held-out digits into ``<logdir>/eval``, so TensorBoard shows the curves and
+    the held-out accuracy over the run.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(seed)
     train_set, held_out = load_digits()
@@ -83,13 +91,41 @@ def main(logdir: str = "runs/digits", number_of_steps: int = 1500, seed: int = 0
     # Decays without an end point, so a resumed run may be given a larger --steps.
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.998)
     train_op = learning.create_train_op(total_loss, optimizer, lr_scheduler=scheduler)
+    summaries.add_histogram_summaries(model.parameters())
     started = time.monotonic()
     loss = learning.train(train_op, logdir, loader, number_of_steps=number_of_steps, log_every_n_steps=250,
-                          save_interval_secs=30)
-    results = evaluation.evaluate_once(checkpoint.latest_checkpoint(logdir), os.path.join(logdir, "eval"), model,
-                                       held_out_data(), metrics=eval_metrics())
-    held_out_accuracy = results["accuracy"]
+                          save_summaries_steps=25, save_interval_steps=250, saver=checkpoint.Saver(max_to_keep=20))
+    results = evaluate_new_checkpoints(logdir, model)
+    held_out_accuracy = results[train_op.step]  # the final checkpoint is at the step training reached
     shown = "nothing left to train" if loss is None else f"final loss {loss:.4f}"
     print(f"global step {train_op.step}: {shown}; held-out accuracy {held_out_accuracy:.2%} "
           f"({len(held_out)} digits), {time.monotonic() - started:.1f} s; checkpoints in {logdir}")
     return held_out_accuracy
+
+
+def evaluate_new_checkpoints(logdir: str, model: nn.Module) -> dict[int, float]:
+    """Evaluate each checkpoint in ``logdir`` not evaluated before, in order, into ``<logdir>/eval``.
+
+    Returns the held-out accuracy of every checkpoint evaluated, now or before, by global step.
+    """
+    eval_dir = os.path.join(logdir, "eval")
+    done = _accuracies(os.path.join(eval_dir, "metrics.jsonl"))
+    pending = [p for p in checkpoint.list_checkpoints(logdir) if checkpoint.step_of(p) not in done]
+    if pending:
+        writer, data = summaries.default_writer(eval_dir), held_out_data()
+        try:
+            for path in pending:
+                results = evaluation.evaluate_once(path, eval_dir, model, data, metrics=eval_metrics(),
+                                                   summary_writer=writer)
+                done[checkpoint.step_of(path)] = results["accuracy"]
+        finally:
+            writer.close()
+    return done
+
+
+def _accuracies(metrics_file: str) -> dict[int, float]:
+    if not os.path.exists(metrics_file):
+        return {}
+    with open(metrics_file, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["value"] for r in records if r["tag"] == "accuracy"}

@@ -234,9 +234,19 @@ def log_loss(
 ) -> torch.Tensor:
     """Binary log loss of probabilities ``predictions`` against 0/1 ``labels``.
 
+    ``predictions`` are probabilities in [0, 1] (a sigmoid's output), shaped like
+    ``labels``. A value outside [0, 1] makes the loss NaN, which ``check_numerics``
+    reports at that step, naming this loss; for logits use
+    :func:`sigmoid_cross_entropy`, and for the scores of several classes
+    :func:`sparse_softmax_cross_entropy`.
+
     >>> log_loss(torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0]))
     tensor(0.1054)
     """
+    if predictions.dim() == labels.dim() + 1 and predictions.shape[:-1] == labels.shape:
+        raise ValueError(f"log_loss is a binary loss: `predictions` of shape {tuple(predictions.shape)} look like the "
+                         f"scores of {predictions.shape[-1]} classes for `labels` of shape {tuple(labels.shape)}; "
+                         "use sparse_softmax_cross_entropy(logits, labels) for class indices")
     _check_same_shape(predictions, labels, "predictions", "labels")
     labels = labels.to(predictions.dtype)
     losses = -labels * torch.log(predictions + epsilon) - (1 - labels) * torch.log(1 - predictions + epsilon)
@@ -259,6 +269,10 @@ def softmax_cross_entropy(
     >>> softmax_cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
     tensor(0.6931)
     """
+    if not onehot_labels.is_floating_point() and onehot_labels.shape == logits.shape[:-1]:
+        raise ValueError(f"`onehot_labels` holds class indices of shape {tuple(onehot_labels.shape)}; "
+                         f"softmax_cross_entropy takes one-hot labels shaped like the logits {tuple(logits.shape)}: "
+                         "use sparse_softmax_cross_entropy(logits, labels) for class indices")
     _check_same_shape(logits, onehot_labels, "logits", "onehot_labels")
     _check_smoothing(label_smoothing)
     labels = onehot_labels.to(logits.dtype)
