@@ -600,3 +600,49 @@ def test_each_checkpoint_is_reported_once(problem, tmp_path, info_logs):
     assert [m.split()[1].rsplit("-", 1)[1] for m in saved] == ["4", "8"]
     assert any(r.getMessage().startswith("Marked ") and r.getMessage().endswith("model.ckpt-8 as the final checkpoint "
                                                                                 "of the run") for r in info_logs.records)
+
+
+def test_an_epoch_scheduler_steps_at_epoch_starts_and_resumes_exactly(tmp_path):
+    data = batches(4)  # 4 batches per epoch
+
+    def make():
+        p = Logistic()
+        scheduler = torch.optim.lr_scheduler.StepLR(p.optimizer, step_size=1, gamma=0.5)
+        return p, scheduler
+
+    # By hand: for epoch in ...: (steps); scheduler.step()
+    p, scheduler = make()
+    lrs = []
+    for _ in range(3):
+        for batch in data:
+            lrs.append(p.optimizer.param_groups[0]["lr"])
+            p.optimizer.zero_grad()
+            with losses.collect_losses():
+                p.loss(batch).backward()
+            p.optimizer.step()
+        scheduler.step()
+    assert lrs == [0.5] * 4 + [0.25] * 4 + [0.125] * 4
+    expected = p.model.weight.detach().clone()
+
+    seen = []
+    q, scheduler = make()
+    op = create_train_op(lambda b: seen.append(q.optimizer.param_groups[0]["lr"]) or q.loss(b), q.optimizer,
+                         model=q.model, lr_scheduler=scheduler, lr_scheduler_interval="epoch")
+    train(op, tmp_path / "once", data, number_of_steps=12)
+    assert seen == lrs and torch.equal(q.model.weight, expected)
+
+    for target in (6, 12):  # 6 + 6, stopped mid-epoch: the same weights and learning rates
+        r, scheduler = make()
+        op = create_train_op(r.loss, r.optimizer, lr_scheduler=scheduler, lr_scheduler_interval="epoch")
+        train(op, tmp_path / "twice", data, number_of_steps=target)
+    assert torch.equal(r.model.weight, expected) and scheduler.last_epoch == 2
+
+
+def test_an_epoch_scheduler_needs_epochs(problem, tmp_path):
+    scheduler = torch.optim.lr_scheduler.StepLR(problem.optimizer, step_size=1)
+    with pytest.raises(ValueError, match="lr_scheduler_interval"):
+        create_train_op(problem.loss, problem.optimizer, lr_scheduler=scheduler, lr_scheduler_interval="epochs")
+    op = create_train_op(lambda: problem.loss(batches()[0]), problem.optimizer, model=problem.model,
+                         lr_scheduler=scheduler, lr_scheduler_interval="epoch")
+    with pytest.raises(ValueError, match="needs `data`"):
+        train(op, tmp_path, None, number_of_steps=3)

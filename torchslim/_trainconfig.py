@@ -97,6 +97,9 @@ class TrainConfig:
                     raise ValueError(f"`{name}` was given but logdir=None: there is nowhere to write; pass a logdir")
         if self.data is not None and not isinstance(self.data, Iterable):
             raise TypeError(f"`data` must be an iterable of batches or None, got {type(self.data).__name__}")
+        if self.data is None and self.train_op.lr_scheduler is not None and self.train_op.lr_scheduler_interval == "epoch":
+            raise ValueError("the train op's lr_scheduler_interval='epoch' needs `data`: with data=None there are no "
+                             "epochs to step the scheduler at")
 
     def _check_schedule(self) -> None:
         check_callable(self.train_step_fn, "train_step_fn")

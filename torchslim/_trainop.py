@@ -68,6 +68,7 @@ class TrainOp:
                  state: ModelState, global_step: GlobalStep | None,
                  update_ops: list[Callable[[], Any]], params_to_train: list[torch.Tensor] | None,
                  transform: GradientTransform | None, check_numerics: bool, lr_scheduler: Any = None,
+                 lr_scheduler_interval: str = "step",
                  summarize_gradients: bool = False, precision: Precision | None = None,
                  accumulate_steps: int = 1) -> None:
         self.total_loss = total_loss
@@ -75,6 +76,7 @@ class TrainOp:
         self.global_step = global_step
         self.update_ops = update_ops
         self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval  # "epoch": the train loop steps it at epoch starts
         self.check_numerics = check_numerics
         self.transform = transform
         self.summarize_gradients = summarize_gradients
@@ -140,7 +142,7 @@ class TrainOp:
         self._transform_gradients()
         if not self.precision.step(self.optimizer):
             return False
-        if self.lr_scheduler is not None:
+        if self.lr_scheduler is not None and self.lr_scheduler_interval == "step":
             self.lr_scheduler.step()
         for op in self.update_ops:
             op()

@@ -105,6 +105,7 @@ def create_train_op(
     *,
     model: torch.nn.Module | Mapping[str, torch.nn.Module] | None = None,
     lr_scheduler: Any = None,
+    lr_scheduler_interval: str = "step",
 ) -> TrainOp:
     """Make the op that, each time it is called, computes the loss and applies one gradient step.
 
@@ -134,7 +135,12 @@ def create_train_op(
             owns and checkpoints (include an EMA copy here to have it saved). Default:
             found from what ``total_loss`` refers to (its closure, the globals it
             names, ``self``, a partial's arguments).
-        lr_scheduler: a ``torch.optim.lr_scheduler`` stepped after every step, and checkpointed.
+        lr_scheduler: a ``torch.optim.lr_scheduler``, checkpointed with the run.
+        lr_scheduler_interval: when ``lr_scheduler.step()`` runs: ``"step"`` (the
+            default, TF-Slim's meaning of a decay: after every optimizer update) or
+            ``"epoch"`` (when :func:`train` starts an epoch of the data after the
+            first, as ``for epoch ...: train(); scheduler.step()`` does, for
+            schedulers written in epochs such as ``StepLR(step_size=30)``).
 
     Returns:
         A :class:`TrainOp`; ``train_op(batch)`` performs one step and returns the loss.
@@ -153,6 +159,8 @@ def create_train_op(
     if lr_scheduler is not None and not (callable(getattr(lr_scheduler, "step", None))
                                          and callable(getattr(lr_scheduler, "state_dict", None))):
         raise TypeError(f"`lr_scheduler` must have step() and state_dict(), got {type(lr_scheduler).__name__}")
+    if lr_scheduler_interval not in ("step", "epoch"):
+        raise ValueError(f"`lr_scheduler_interval` must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
     multiply = None
     if gradient_multipliers is not None:
         multiply = _multiply_transform(gradient_multipliers, op_names, trained, optimizer)
@@ -167,6 +175,7 @@ def create_train_op(
         global_step=GlobalStep() if global_step is _DEFAULT else _check_global_step(global_step),
         update_ops=_resolve_update_ops(update_ops, modules),
         params_to_train=trained, transform=transform, check_numerics=check_numerics, lr_scheduler=lr_scheduler,
+        lr_scheduler_interval=lr_scheduler_interval,
         summarize_gradients=summarize_gradients,
     )
 

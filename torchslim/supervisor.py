@@ -59,6 +59,7 @@ class Supervisor:
         self._after: list[Callable[[int, StepResult], bool]] = []
         self._prefetcher: queues.Prefetcher | None = None
         self._stopped_by_request = False  # a signal here, or a stop agreed with the other processes
+        self._scheduled_epoch = 0  # with lr_scheduler_interval="epoch": the epoch the scheduler was last stepped for
         self._stack = contextlib.ExitStack()
 
     # ------------------------------------------------------------ start
@@ -105,6 +106,7 @@ class Supervisor:
                 self.config.init_fn(self.train_op)
             else:
                 self.config.init_fn()
+        self._scheduled_epoch = int(self.data_position().get("epoch", 0))
         sync = self.engine.prepare(self.train_op, restored is not None)
         self._stack.enter_context(self.train_op.synchronized(sync))
         if self.config.show_progress_bar and self.is_chief:
@@ -147,6 +149,8 @@ class Supervisor:
         """Arm what the coming update must record: its summaries, its trace (once, before its first batch)."""
         if self.train_op.update_in_progress:
             return
+        if self.train_op.lr_scheduler is not None and self.train_op.lr_scheduler_interval == "epoch":
+            self._step_scheduler_per_epoch()
         step = self.train_op.step + 1
         for before_step in self._before:
             before_step(step)
@@ -161,10 +165,21 @@ class Supervisor:
         self._stopped_by_request = self.engine.agree_to_stop(wants_stop, step)
         return self._stopped_by_request
 
+    def data_position(self) -> dict[str, Any]:
+        """Where the loop stands in the data: after the last batch it took (not those prefetched)."""
+        return self._prefetcher.position if self._prefetcher is not None else self.stream.state_dict()
+
+    def _step_scheduler_per_epoch(self) -> None:
+        # The batch about to be used opened a new epoch: step as `for epoch: train(); scheduler.step()` would.
+        epoch = self._prefetcher.position["epoch"] if self._prefetcher is not None else self.stream.epoch
+        while self._scheduled_epoch < epoch:
+            self.train_op.lr_scheduler.step()
+            self._scheduled_epoch += 1
+
     def state_dict(self) -> dict[str, Any]:
         """The whole run, for a checkpoint: the train op's state, the data position, the RNG states."""
         state = self.train_op.state_dict()
-        state["data"] = self._prefetcher.position if self._prefetcher is not None else self.stream.state_dict()
+        state["data"] = self.data_position()
         state["rng"] = capture_rng()
         return state
 
