@@ -238,3 +238,49 @@ def test_distributed_arguments_are_checked_before_anything_starts(tmp_path, kwar
     with pytest.raises(error, match=match):
         train(op, tmp_path / "run", number_of_steps=5, **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the averager, in one process
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_buckets_are_reduced_while_the_backward_pass_runs_and_in_one_order(group_of_one, monkeypatch):
+    import torch.distributed as dist
+
+    from torchslim.distributed import GradientAverager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 2))
+    unused = torch.nn.Parameter(torch.ones(3))
+    params = [unused, *model.parameters()]  # last to be reduced: it never gets a gradient
+    events = []
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: events.append(("reduce", t.numel()))
+                        or real_all_reduce(t, **kw))
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: events.append(("first layer done", 0)))
+    averager = GradientAverager(params, world_size=1, bucket_mb=64 * 64 * 4 / 2**20)  # about one layer a bucket
+    x = torch.randn(16, 8)
+    model(x).square().mean().backward()
+    reduced_during_backward = events.index(("first layer done", 0))
+    assert [e for e in events[:reduced_during_backward] if e[0] == "reduce"], events  # overlap: some went early
+    expected = {id(p): p.grad.clone() for p in model.parameters()}
+    averager.synchronize()
+    assert all(torch.equal(p.grad, expected[id(p)]) for p in model.parameters())
+    assert torch.equal(unused.grad, torch.zeros(3))  # no gradient: zeros, as DDP counts it
+    # Inner micro-batches communicate nothing; the hooks leave with close().
+    events.clear()
+    with averager.no_sync():
+        model(x).sum().backward()
+    assert not [e for e in events if e[0] == "reduce"]
+    averager.close()
+    model(x).sum().backward()
+    assert not [e for e in events if e[0] == "reduce"]

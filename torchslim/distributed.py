@@ -8,12 +8,13 @@ script once per process with ``torchrun`` (or pass ``master=``, ``rank=`` and
   it down at the end, unless the caller had set one up already;
 * restores, on every process, the checkpoint the chief picked, or broadcasts the
   chief's freshly initialized weights, so that all start equal;
-* averages the gradients of every step across processes (one all-reduce over a
-  flat buffer per dtype, after the backward pass), so that all stay equal;
+* averages the gradients of every update across processes, in buckets
+  all-reduced while the backward pass still runs (as DDP's reducer, without
+  wrapping the model), so that all stay equal;
 * gives each process every ``world_size``-th batch of one shared order;
 * lets only the chief (rank 0 unless ``is_chief`` says otherwise) write
   checkpoints, summaries and traces;
-* stops every process at the same step on a signal: each step every process
+* stops every process at the same step on a signal: every 8 steps each process
   casts a vote (a one-number all-reduce on the CPU, started after one step and
   read after the next, so it never waits on the device).
 
@@ -25,7 +26,6 @@ checkpoints and summarizes.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torchslim import checkpoint
 from torchslim._checks import check_bool, check_non_negative_int
 from torchslim._engine import Engine
+from torchslim._gradsync import GradientAverager
 from torchslim._hogwild import Hogwild, SharedGlobalStep, hogwild
 
 __all__ = ["Cluster", "DataParallel", "GradientAverager", "SharedGlobalStep", "StopVote", "engine_for", "hogwild",
@@ -193,69 +194,34 @@ def _groups(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-class GradientAverager:
-    """Averages gradients across processes once per update, after its last backward pass.
-
-    One all-reduce per (device, dtype) group of parameters, over a flat buffer
-    made once: each update copies the gradients in, reduces, scales, and leaves
-    every ``param.grad`` a view into the buffer (no copy back). A
-    :class:`~torchslim._types.GradientSync`: inner micro-batches of an
-    accumulated update communicate nothing.
-    """
-
-    def __init__(self, params: Sequence[torch.Tensor], world_size: int) -> None:
-        self.world_size = world_size
-        self.groups = _groups(list(params))
-        self.buffers = [torch.empty(sum(p.numel() for p in g), dtype=g[0].dtype, device=g[0].device)
-                        for g in self.groups]
-
-    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext()
-
-    def synchronize(self) -> None:
-        with torch.no_grad():
-            for group, flat in zip(self.groups, self.buffers):
-                offset, views = 0, []
-                for p in group:
-                    view = flat[offset:offset + p.numel()].view_as(p)
-                    if p.grad is None:
-                        view.zero_()
-                    else:
-                        view.copy_(p.grad)
-                    views.append(view)
-                    offset += p.numel()
-                dist.all_reduce(flat)
-                flat.div_(self.world_size)
-                for p, view in zip(group, views):
-                    p.grad = view
-
-    __call__ = synchronize
-
-
 class StopVote:
     """Lets processes agree to stop after the same step: a stop wins if any process asked for one.
 
-    Every process votes after every step. The vote is an all-reduce of one
-    number over a gloo group, so it lives on the CPU whatever the model's device;
-    it is started after one step and read after the next, so the network's
-    latency hides behind a step. All processes therefore stop one step after the
-    first request, at the same global step.
+    Every ``every_n_steps`` global steps each process casts its vote: an
+    all-reduce of one number over a gloo group, so it lives on the CPU whatever
+    the model's device. It is started after that step and read after the next,
+    so its latency hides behind a step; all processes therefore stop at the same
+    global step, at most ``every_n_steps`` + 1 steps after the first request.
+    Voting less often than every step keeps its cost (a collective, thread
+    wake-ups) off most steps.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every_n_steps: int = 8) -> None:
         # Its own group: the votes never queue behind (or interleave with) gradient traffic.
         self.group = dist.new_group(backend="gloo")
+        self.every_n_steps = every_n_steps
         self.box = torch.zeros(1)
         self.pending: Any = None
 
-    def __call__(self, wants_stop: bool) -> bool:
+    def __call__(self, wants_stop: bool, step: int) -> bool:
         if self.pending is not None:
             self.pending.wait()
             self.pending = None
             if self.box.item() > 0:  # a CPU tensor: no device sync
                 return True
-        self.box.fill_(float(wants_stop))
-        self.pending = dist.all_reduce(self.box, group=self.group, async_op=True)
+        if step % self.every_n_steps == 0:
+            self.box.fill_(float(wants_stop))
+            self.pending = dist.all_reduce(self.box, group=self.group, async_op=True)
         return False
 
     def close(self) -> None:
@@ -280,12 +246,16 @@ class DataParallel(Engine):
         self.cluster, self.device = cluster, device
         self.created_group = False
         self.vote: StopVote | None = None
+        self.averager: GradientAverager | None = None
 
     def start(self) -> None:
         self.created_group = start_group(self.cluster, self.device)
         self.vote = StopVote()
 
     def close(self) -> None:
+        if self.averager is not None:
+            self.averager.close()  # its hooks leave the user's parameters
+            self.averager = None
         if self.vote is not None and dist.is_initialized():
             self.vote.close()
         self.vote = None
@@ -307,12 +277,13 @@ class DataParallel(Engine):
     def prepare(self, train_op: Any, restored: bool) -> GradientAverager:
         if not restored:  # every process starts from the chief's weights
             broadcast_tensors(list(train_op.model_variables().values()))
-        return GradientAverager(train_op.trained_parameters, self.world_size)
+        self.averager = GradientAverager(train_op.trained_parameters, self.world_size)
+        return self.averager
 
     def agree_to_stop(self, wants_stop: bool, step: int) -> bool:
         if self.vote is None:
             raise RuntimeError("DataParallel.agree_to_stop() before start()")
-        return self.vote(wants_stop)
+        return self.vote(wants_stop, step)
 
 
 def engine_for(cluster: Cluster, device: torch.device | None, *, asynchronous: bool = False,

@@ -1,0 +1,143 @@
+"""Gradient averaging across processes that overlaps the backward pass, in buckets, as DDP's reducer does.
+
+The model is not wrapped (the user's loss function keeps calling the user's
+module, and checkpoint names stay its ``state_dict`` names): instead a hook on
+each trained parameter (``register_post_accumulate_grad_hook``) copies its
+gradient into a flat bucket as soon as autograd has finished it, and a bucket
+whose gradients are all in is all-reduced asynchronously while the backward
+pass goes on with the layers below. Buckets are launched in one fixed order
+(the reverse of the parameters' order, roughly the order gradients become
+ready), whatever order their gradients arrive in, so every process issues the
+same collectives in the same order. ``synchronize()`` launches what is left
+(parameters that got no gradient count as zeros), waits, and averages.
+Re-exported by :mod:`torchslim.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_BUCKET_MB = 25  # DDP's default bucket_cap_mb
+FIRST_BUCKET_MB = 1  # as DDP: a small first bucket starts the communication early in the backward pass
+
+
+class _Bucket:
+    """Parameters of one device and dtype whose gradients are reduced together in one flat buffer."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in params:
+            self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.filled: set[int] = set()  # indices into params whose gradient is in the buffer
+        self.work: Any = None  # the all-reduce in flight
+
+
+class GradientAverager:
+    """Averages the gradients of ``params`` across the processes of the group, once per optimizer update.
+
+    A :class:`~torchslim._types.GradientSync`: ``no_sync()`` around the backward
+    pass of an inner micro-batch (its gradients only accumulate locally),
+    ``synchronize()`` after the last one. Afterwards every ``param.grad`` is the
+    average over processes, a view into the bucket's buffer.
+
+    Args:
+        params: the parameters trained, in their registration order.
+        world_size: the number of processes averaged over.
+        bucket_mb: the most megabytes of gradients one all-reduce carries.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], world_size: int, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
+        self.world_size = world_size
+        self.buckets = _buckets(list(params), int(bucket_mb * 2**20))
+        self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        self._launched = 0  # buckets [0, launched) are in flight this update
+        self._syncing = True
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for b in self.buckets
+                         for p in b.params]
+
+    def _on_gradient(self, param: torch.Tensor) -> None:
+        # Runs inside the backward pass, once autograd has finished param.grad.
+        if not self._syncing or param.grad is None:
+            return
+        bucket, index = self._where[id(param)]
+        with torch.no_grad():
+            bucket.views[index].copy_(param.grad)
+        bucket.filled.add(index)
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Start the all-reduce of every full bucket whose predecessors have all started (one order everywhere)."""
+        while self._launched < len(self.buckets):
+            bucket = self.buckets[self._launched]
+            if len(bucket.filled) < len(bucket.params):
+                return
+            bucket.work = dist.all_reduce(bucket.flat, async_op=True)
+            self._launched += 1
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """The backward pass of a micro-batch that does not end the update: communicate nothing."""
+        self._syncing = False
+        try:
+            yield
+        finally:
+            self._syncing = True
+
+    def synchronize(self) -> None:
+        """After the update's last backward pass: reduce what is left, wait, average; set each ``param.grad``."""
+        with torch.no_grad():
+            for bucket in self.buckets[self._launched:]:
+                for index, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+                    if index in bucket.filled:
+                        continue
+                    if p.grad is None:  # no gradient this update: it counts as zeros, as in DDP
+                        view.zero_()
+                    else:  # a gradient made without the hook (hooks off): taken as it is
+                        view.copy_(p.grad)
+                    bucket.filled.add(index)
+            self._launch_ready()
+            for bucket in self.buckets:
+                bucket.work.wait()
+                bucket.work = None
+                bucket.flat.div_(self.world_size)
+                bucket.filled.clear()
+                for p, view in zip(bucket.params, bucket.views):
+                    p.grad = view
+        self._launched = 0
+
+    __call__ = synchronize
+
+    def close(self) -> None:
+        """Remove the hooks from the parameters (the run is over)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _buckets(params: list[torch.Tensor], cap_bytes: int) -> list[_Bucket]:
+    """The parameters, last first, cut into buckets of one device and dtype of about ``cap_bytes`` each.
+
+    A bucket closes at the parameter that takes it to its cap; the first one's cap
+    is ``FIRST_BUCKET_MB`` (or ``cap_bytes`` if smaller).
+    """
+    buckets: list[_Bucket] = []
+    pending: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    for p in reversed(params):
+        key = (p.device, p.dtype)
+        pending.setdefault(key, []).append(p)
+        sizes[key] = sizes.get(key, 0) + p.numel() * p.element_size()
+        if sizes[key] >= (min(cap_bytes, FIRST_BUCKET_MB * 2**20) if not buckets else cap_bytes):
+            buckets.append(_Bucket(pending.pop(key)))
+            sizes[key] = 0
+    buckets += [_Bucket(group) for group in pending.values() if group]
+    return buckets
