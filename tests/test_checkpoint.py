@@ -181,3 +181,21 @@ def test_describe_lists_metadata_and_tensors(tmp_path):
     assert "model/conv0.weight" in text and "F32" in text and "[2, 3]" in text
     with pytest.raises(ValueError, match="no checkpoint or logdir"):
         checkpoint.describe(tmp_path / "nope")
+
+
+def test_describe_sorts_naturally_totals_the_model_and_folds_bookkeeping(tmp_path):
+    model = {f"layer{i}.weight": torch.ones(2, 5) for i in (11, 3, 2)}
+    state = {"model": model, "optimizer": {"state": {0: {"exp_avg": torch.zeros(2, 5)}},
+                                           "param_groups": [{"lr": 0.1, "params": [0]}]},
+             "rng": {"torch": torch.zeros(7, dtype=torch.uint8), "python": [3, 4]}, "global_step": 4}
+    path = Saver().save(state, tmp_path, 4)
+    text = checkpoint.describe(path)
+    assert text.index("model/layer2.") < text.index("model/layer3.") < text.index("model/layer11.")
+    assert "model: 3 tensors, 30 values (120 B)" in text
+    assert "optimizer/state: 1 tensor, 10 values (40 B)  (folded" in text and "exp_avg" not in text
+    assert "rng: 1 tensor, 7 values (7 B)  (folded" in text and "rng/python" not in text
+    assert "optimizer/param_groups/0/lr = 0.1" in text  # hyperparameters stay visible
+    everything = checkpoint.describe(path, show_all=True)
+    assert "optimizer/state/0/exp_avg" in everything and "rng/python/0 = 3" in everything
+    with pytest.raises(TypeError, match="show_all"):
+        checkpoint.describe(path, show_all="yes")

@@ -37,6 +37,16 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert "global_step: 3" in result.stdout and "model/w" in result.stdout
 
 
+def test_inspect_folds_bookkeeping_unless_all(tmp_path, capsys):
+    checkpoint.Saver().save({"model": {"w": torch.ones(3)}, "rng": {"torch": torch.zeros(2)}, "global_step": 3},
+                            tmp_path, 3)
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model: 1 tensor, 3 values" in out and "rng/torch" not in out and "--all" in out
+    assert cli.main(["inspect", "--all", str(tmp_path)]) == 0
+    assert "rng/torch" in capsys.readouterr().out
+
+
 def test_inspect_reports_a_bad_path_without_a_traceback(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

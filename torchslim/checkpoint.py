@@ -30,18 +30,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import safetensors.torch
 import torch
 
+from torchslim import _listing
 from torchslim._checks import check_bool, check_non_negative_int, check_positive
 from torchslim._types import NonFiniteError
 
@@ -396,12 +396,16 @@ def _remove(path: str) -> None:
 # ---------------------------------------------------------------- inspection
 
 
-def describe(path: str | os.PathLike) -> str:
-    """A human-readable listing of a checkpoint: metadata, then each tensor's name, dtype and shape.
+def describe(path: str | os.PathLike, *, show_all: bool = False) -> str:
+    """A human-readable listing of a checkpoint: metadata, the model's tensors with their total, then values.
 
     ``path`` may also be a logdir, in which case its latest checkpoint is described.
+    Names sort naturally (``layer/3`` before ``layer/11``). Optimizer state, RNG
+    states and the data position are folded into one line per group unless
+    ``show_all``.
     """
     path = os.fspath(path)
+    check_bool(show_all, "show_all")
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint or logdir at {path!r}")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
@@ -410,35 +414,6 @@ def describe(path: str | os.PathLike) -> str:
             raise ValueError(f"{path!r} is neither a torchslim checkpoint nor a logdir holding one")
         path = latest
     meta = read_metadata(path)
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"]))
-    lines = [f"checkpoint: {path}", f"global_step: {meta['global_step']}", f"created: {when}",
-             f"format: {meta['format']}", "values:"]
-    lines += [f"  {k} = {v}" for k, v in _leaves(meta["state"], "")]
     with safetensors.safe_open(os.path.join(path, TENSOR_FILE), framework="pt") as f:
-        names = sorted(f.keys())
-        lines.append(f"tensors ({len(names)}):")
-        width = max((len(n) for n in names), default=0)
-        for name in names:
-            sl = f.get_slice(name)
-            lines.append(f"  {name:<{width}}  {sl.get_dtype():<5} {list(sl.get_shape())}")
-    return "\n".join(lines)
-
-
-def _leaves(tree: Any, prefix: str) -> Iterator[tuple[str, str]]:
-    """The non-tensor values of a stored state tree, as (slash path, short text); long lists are summarized."""
-    if isinstance(tree, dict) and "__tuple__" in tree:
-        tree = tree["__tuple__"]
-    if isinstance(tree, dict) and "__items__" in tree:
-        tree = {str(k): v for k, v in tree["__items__"]}
-    if isinstance(tree, dict) and "__tensor__" in tree:
-        return
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, f"{prefix}/{k}" if prefix else str(k))
-    elif isinstance(tree, list) and len(tree) > 8:
-        yield prefix, f"<list of {len(tree)}>"
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _leaves(v, f"{prefix}/{i}")
-    else:
-        yield prefix, (repr(tree) if not isinstance(tree, float) or math.isfinite(tree) else str(tree))
+        tensors = [(name, f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()]
+    return _listing.render(path, meta, tensors, show_all=show_all)

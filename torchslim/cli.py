@@ -18,6 +18,7 @@ only.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -86,9 +87,13 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         "inspect",
         help="print a checkpoint's tensors and metadata",
         description="Print the tensors (name, dtype, shape) and the metadata of a "
-        "torchslim checkpoint. PATH is a checkpoint, or a logdir (its latest checkpoint).",
+        "torchslim checkpoint. PATH is a checkpoint, or a logdir (its latest checkpoint). The model's "
+        "tensors are listed with their total; optimizer state, RNG states and the data position are "
+        "folded into one line per group unless --all.",
     )
     p.add_argument("path")
+    p.add_argument("--all", action="store_true", dest="show_all",
+                   help="list every tensor and value, the optimizer's and RNG states' too")
 
     def run(args: argparse.Namespace) -> int:
         import safetensors
@@ -96,7 +101,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         from torchslim import checkpoint
 
         try:
-            print(checkpoint.describe(args.path))
+            print(checkpoint.describe(args.path, show_all=args.show_all))
         except safetensors.SafetensorError as e:  # a truncated or garbled tensor file
             raise checkpoint.CorruptCheckpointError(f"checkpoint {args.path} cannot be read: {e}") from e
         return 0
@@ -251,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # `torchslim inspect ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except (ValueError, TypeError, OSError, ArithmeticError) as e:  # torchslim's errors, and the file system's
         print(f"torchslim {args.command}: error: {e}", file=sys.stderr)
         return 2
