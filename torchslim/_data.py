@@ -10,6 +10,9 @@ batches. Data with its own ``state_dict``/``load_state_dict`` (torchdata's
 processes, each takes every ``world_size``-th batch of one shared order, and an
 epoch is cut to a multiple of ``world_size`` batches so that all take the same
 number of steps.
+
+:func:`iterate` reads a ``DataLoader`` batch by batch as the loader would, but
+with one indexed read per batch where it can (see :class:`BatchedReads`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,91 @@ def _loader_generators(data: Any) -> list[torch.Generator]:
         if isinstance(g, torch.Generator) and all(g is not u for u in unique):
             unique.append(g)
     return unique
+
+
+# ---------------------------------------------------------------- batched reads
+
+
+def iterate(data: Any) -> Iterator[Any]:
+    """``iter(data)``, with each batch of a ``DataLoader`` read in one indexed read where that is the same batch."""
+    reader = _batch_reader(data)
+    if reader is None:
+        return iter(data)
+    return BatchedReads(iter(data), reader)
+
+
+class BatchedReads:
+    """A single-process ``DataLoader``'s batches, each read with one indexed read instead of per-sample reads + collate.
+
+    The loader's own iterator is made (it draws its base seed, as ``iter(loader)``
+    always does) and its batch sampler gives the indices, so the same RNG is
+    consumed in the same order and the batches are bitwise the loader's: a
+    ``TensorDataset`` is indexed with the whole index tensor (what
+    ``default_collate`` would stack, as a list, as it returns); a dataset with
+    ``__getitems__`` gets the list of indices, and the result goes through the
+    loader's ``collate_fn``, as the loader does (it saves the loader's per-batch
+    machinery only).
+    """
+
+    def __init__(self, loader_iter: Any, reader: Any) -> None:
+        self.loader_iter = loader_iter
+        self.read = reader
+
+    def __iter__(self) -> BatchedReads:
+        return self
+
+    def __next__(self) -> Any:
+        indices = self.loader_iter._next_index()  # raises StopIteration at the epoch's end
+        self.loader_iter._num_yielded += 1
+        return self.read(indices)
+
+    def skip(self, n: int) -> None:
+        """Advance ``n`` batches without reading them (the sampler still draws its indices)."""
+        for _ in range(n):
+            self.loader_iter._next_index()
+        self.loader_iter._num_yielded += n
+
+
+def _batch_reader(data: Any) -> Any:
+    """``indices -> batch`` equal to what ``data`` (a DataLoader) would yield, or None where that cannot be done."""
+    if not (isinstance(data, torch.utils.data.DataLoader) and data.num_workers == 0 and data.batch_sampler is not None
+            and not data.pin_memory and type(data).__iter__ is torch.utils.data.DataLoader.__iter__
+            and not callable(getattr(data, "state_dict", None))):  # a stateful loader counts what its iterator yields
+        return None
+    dataset = data.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    tensors = _plain_tensor_dataset(dataset)
+    if tensors is not None:
+        if data.collate_fn is not torch.utils.data.default_collate:
+            return None
+
+        def read_tensors(indices: list[int]) -> list[torch.Tensor]:
+            index = torch.tensor(indices, dtype=torch.long)
+            return [t[index] for t in tensors]  # default_collate turns a batch of tuples into a list
+
+        return read_tensors
+    getitems = getattr(dataset, "__getitems__", None)
+    if callable(getitems):
+        collate = data.collate_fn
+
+        def read_items(indices: list[int]) -> Any:
+            return collate(getitems(indices))
+
+        return read_items
+    return None
+
+
+def _plain_tensor_dataset(dataset: Any) -> tuple[torch.Tensor, ...] | None:
+    """The tensors of a ``TensorDataset`` whose items are their rows (not a subclass that changes ``__getitem__``)."""
+    if not isinstance(dataset, torch.utils.data.TensorDataset):
+        return None
+    kind = type(dataset)
+    if kind.__getitem__ is not torch.utils.data.TensorDataset.__getitem__ or hasattr(kind, "__getitems__"):
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in dataset.tensors):
+        return None
+    return dataset.tensors
 
 
 # ---------------------------------------------------------------- data
@@ -132,7 +220,7 @@ class DataStream:
     def _start_epoch(self) -> Iterator[Any]:
         if self._resume is None:
             self._epoch_rng = self._capture()
-            return iter(self.data)
+            return iterate(self.data)
         (state, rng_after), self._resume = self._resume, None
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         if "loader" in state:
@@ -142,7 +230,7 @@ class DataStream:
             self._epoch_rng = state.get("epoch_rng")
             if self._epoch_rng is not None:
                 self._restore(self._epoch_rng)
-            it = iter(self.data)
+            it = iterate(self.data)
             self._skip(it, self.batch)
         if rng_after is not None:
             restore_rng(rng_after)
@@ -157,6 +245,9 @@ class DataStream:
             g.set_state(s)
 
     def _skip(self, it: Iterator[Any], n: int) -> None:
+        if isinstance(it, BatchedReads):
+            it.skip(n)
+            return
         sampler_iter = getattr(it, "_sampler_iter", None)
         dataset = getattr(self.data, "dataset", None)
         if (type(it).__name__ == "_SingleProcessDataLoaderIter" and sampler_iter is not None

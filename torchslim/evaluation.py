@@ -38,6 +38,7 @@ import torch
 
 from torchslim import checkpoint, queues, summaries, variables
 from torchslim._checks import check_callable, check_directory, check_fits, check_positive_int, check_seconds
+from torchslim._data import iterate
 from torchslim._logs import default_logging
 from torchslim._metrics import as_scalars, check_metrics
 from torchslim._prefetch import prefetch_depth
@@ -161,7 +162,7 @@ class EvalConfig:
         data = itertools.repeat(None) if self.data is None else self.data
         if self.data is None and self.num_evals is None:
             return iter(())
-        batches = iter(data) if self.num_evals is None else itertools.islice(data, self.num_evals)
+        batches = iterate(data) if self.num_evals is None else itertools.islice(iterate(data), self.num_evals)
         if self.prefetch_depth and self.data is not None:
             device = self.device()
             return queues.prefetch(batches, self.prefetch_depth, device=device if device.type != "cpu" else None)
