@@ -199,3 +199,102 @@ def test_describe_sorts_naturally_totals_the_model_and_folds_bookkeeping(tmp_pat
     assert "optimizer/state/0/exp_avg" in everything and "rng/python/0 = 3" in everything
     with pytest.raises(TypeError, match="show_all"):
         checkpoint.describe(path, show_all="yes")
+
+
+# ---------------------------------------------------------------- metadata, best checkpoints, evaluator records
+
+
+def test_metadata_is_committed_with_the_checkpoint_and_must_be_json(tmp_path):
+    path = save({"w": torch.ones(1)}, tmp_path / "model.ckpt-3", metadata={"metrics": {"accuracy": 0.75}})
+    with open(os.path.join(path, checkpoint.STATE_FILE)) as f:
+        assert json.load(f)["metadata"] == {"metrics": {"accuracy": 0.75}}
+    assert checkpoint.read_metadata(path)["metadata"]["metrics"]["accuracy"] == 0.75
+    with pytest.raises(TypeError, match="metadata"):
+        save({"w": torch.ones(1)}, tmp_path / "model.ckpt-4", metadata={"t": torch.ones(1)})
+    with pytest.raises(TypeError, match="metadata"):
+        save({"w": torch.ones(1)}, tmp_path / "model.ckpt-4", metadata=[1])
+    assert names(tmp_path) == ["model.ckpt-3"]  # nothing written for the refused ones
+
+
+@pytest.mark.parametrize("mode, values, max_to_keep, keep_best, kept", [
+    # steps 10..60 with these metric values; newest max_to_keep, plus the best keep_best
+    ("max", [0.5, 0.9, 0.7, 0.8, 0.6, 0.4], 2, 1, [20, 50, 60]),
+    ("max", [0.5, 0.9, 0.7, 0.8, 0.6, 0.4], 2, 2, [20, 40, 50, 60]),
+    ("min", [0.5, 0.9, 0.7, 0.8, 0.6, 0.4], 2, 2, [10, 50, 60]),  # best two (60, 10): 60 is newest anyway
+    ("max", [0.5, 0.9, 0.9, 0.8, 0.6, 0.4], 1, 1, [20, 60]),  # ties go to the earlier step
+    ("max", [float("nan"), 0.1, float("nan"), 0.2, 0.3, 0.0], 1, 2, [40, 50, 60]),  # NaN is never best
+])
+def test_keep_best_keeps_the_best_by_the_metric_besides_the_newest(tmp_path, mode, values, max_to_keep, keep_best,
+                                                                    kept):
+    saver = Saver(max_to_keep=max_to_keep, keep_best=keep_best, metric="m", mode=mode)
+    for i, value in enumerate(values):
+        saver.save({"w": torch.ones(1)}, tmp_path, (i + 1) * 10, metadata={"metrics": {"m": value}})
+    assert [step_of(p) for p in list_checkpoints(tmp_path)] == kept
+
+
+def test_checkpoints_without_the_metric_fall_out_as_before(tmp_path):
+    saver = Saver(max_to_keep=1, keep_best=1, metric="accuracy")
+    saver.save({"w": torch.ones(1)}, tmp_path, 1, metadata={"metrics": {"accuracy": 0.3}})
+    for step in (2, 3, 4):
+        saver.save({"w": torch.ones(1)}, tmp_path, step)
+    assert names(tmp_path) == ["model.ckpt-1", "model.ckpt-4"]
+
+
+def test_best_checkpoint_and_read_metrics(tmp_path):
+    saver = Saver(max_to_keep=None, metric="loss", mode="min")
+    for step, loss in ((1, 0.5), (2, 0.2), (3, 0.4)):
+        saver.save({"w": torch.ones(1)}, tmp_path, step, metadata={"metrics": {"loss": loss, "acc": 1 - loss}})
+    saver.save({"w": torch.ones(1)}, tmp_path, 4)  # not evaluated
+    assert checkpoint.best_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 2)  # the saver's watch
+    assert checkpoint.best_checkpoint(tmp_path, "acc", "max") == checkpoint.checkpoint_path(tmp_path, 2)
+    assert checkpoint.best_checkpoint(tmp_path, "loss", "max") == checkpoint.checkpoint_path(tmp_path, 1)
+    assert checkpoint.read_metrics(tmp_path) == {1: {"loss": 0.5, "acc": 0.5}, 2: {"loss": 0.2, "acc": 0.8},
+                                                 3: {"loss": 0.4, "acc": 0.6}}
+    with pytest.raises(ValueError, match="pass `mode`"):
+        checkpoint.best_checkpoint(tmp_path, "acc")
+    assert checkpoint.best_checkpoint(tmp_path, "nothing", "max") is None
+    other = tmp_path / "other"
+    Saver().save({"w": torch.ones(1)}, other, 1, metadata={"metrics": {"loss": 1.0}})
+    with pytest.raises(ValueError, match="records a watched metric; pass `metric`"):
+        checkpoint.best_checkpoint(other)
+    assert checkpoint.best_checkpoint(tmp_path / "missing", "loss", "min") is None
+
+
+def test_an_evaluators_records_rank_checkpoints_and_have_one_writer(tmp_path):
+    from torchslim._records import RecordWriter, read_records
+
+    saver = Saver(max_to_keep=1, keep_best=1, metric="accuracy")
+    with RecordWriter(tmp_path) as writer:
+        with pytest.raises(ValueError, match="another evaluator is already recording"):
+            RecordWriter(tmp_path)
+        for step, accuracy in ((1, 0.6), (2, 0.8), (3, 0.7)):
+            saver.save({"w": torch.ones(1)}, tmp_path, step)
+            writer.record(step, {"accuracy": accuracy})
+        saver.save({"w": torch.ones(1)}, tmp_path, 4)
+    assert names(tmp_path) == ["model.ckpt-2", "model.ckpt-4"]  # 2 was recorded best by the evaluator
+    assert read_records(tmp_path) == {1: {"accuracy": 0.6}, 2: {"accuracy": 0.8}, 3: {"accuracy": 0.7}}
+    assert checkpoint.read_metrics(tmp_path) == {2: {"accuracy": 0.8}}  # committed checkpoints only
+    assert checkpoint.best_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 2)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    with RecordWriter(tmp_path) as again:  # the lock went with the first writer; the records are resumed
+        assert again.recorded(3) and not again.recorded(4)
+    assert "accuracy = 0.8" in checkpoint.describe(checkpoint.checkpoint_path(tmp_path, 2))
+
+
+def test_describe_shows_the_metrics_in_the_metadata(tmp_path):
+    Saver(metric="accuracy").save({"w": torch.ones(1)}, tmp_path, 5,
+                                  metadata={"metrics": {"accuracy": 0.93}, "stop_reason": "no improvement"})
+    text = checkpoint.describe(tmp_path)
+    assert "metrics/accuracy = 0.93" in text and "stop_reason = 'no improvement'" in text
+    assert "watch/metric = 'accuracy'" in text
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"keep_best": 2}, ValueError, "needs `metric`"),
+    ({"keep_best": -1, "metric": "a"}, ValueError, "keep_best"),
+    ({"keep_best": 1, "metric": "a", "mode": "maximum"}, ValueError, "'max'.*'min'.*'maximum'"),
+    ({"metric": 3}, TypeError, "metric"),
+])
+def test_saver_rejects_bad_best_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Saver(**kwargs)

@@ -4,8 +4,9 @@ A checkpoint is a directory ``<logdir>/model.ckpt-<global step>`` holding
 
 * ``tensors.safetensors``: every tensor of the saved state, and
 * ``state.json``: everything else (numbers, strings, lists, dicts), the
-  structure that puts the tensors back in place, the global step, and the
-  SHA-256 of the tensor file.
+  structure that puts the tensors back in place, the global step, the
+  SHA-256 of the tensor file, and the caller's ``metadata`` (e.g. the
+  validation metrics measured on these weights).
 
 Nothing is ever unpickled on load. A checkpoint is written into a hidden
 temporary directory beside its final name, every file and the directory are
@@ -23,6 +24,14 @@ holding NaN or Inf is refused before anything is written.
 ['model.ckpt-20', 'model.ckpt-30']
 >>> load(latest_checkpoint(logdir))
 {'w': tensor([1., 1.]), 'note': 'hi'}
+
+Keeping the best checkpoints by a metric, besides the newest ones:
+
+>>> saver = Saver(max_to_keep=1, keep_best=1, metric="accuracy")
+>>> for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7)):
+...     _ = saver.save({"w": torch.ones(2)}, logdir, step, metadata={"metrics": {"accuracy": acc}})
+>>> [os.path.basename(p) for p in list_checkpoints(logdir)], os.path.basename(best_checkpoint(logdir))
+(['model.ckpt-20', 'model.ckpt-30'], 'model.ckpt-20')
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from torchslim import _listing
+from torchslim import _listing, _records
 from torchslim._checks import check_bool, check_non_negative_int, check_positive
 from torchslim._types import NonFiniteError
 
@@ -49,12 +58,14 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "CorruptCheckpointError",
     "Saver",
+    "best_checkpoint",
     "checkpoint_path",
     "describe",
     "latest_checkpoint",
     "list_checkpoints",
     "load",
     "read_metadata",
+    "read_metrics",
     "save",
     "step_of",
 ]
@@ -189,7 +200,7 @@ def _write_durably(path: str, data: bytes) -> None:
 
 
 def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int | None = None,
-         require_finite: bool = True, final: bool = False) -> str:
+         require_finite: bool = True, final: bool = False, metadata: Mapping[str, Any] | None = None) -> str:
     """Write ``state`` as a checkpoint at ``path``, atomically.
 
     Args:
@@ -199,7 +210,11 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
         global_step: recorded in the metadata (defaults to the step in ``path``'s name).
         require_finite: refuse a state with a NaN/Inf floating-point tensor.
         final: mark it as the last checkpoint of a run that ended normally
-            (target reached or data exhausted), for evaluators waiting on it.
+            (target reached, data exhausted, or stopped early), for evaluators waiting on it.
+        metadata: JSON values recorded in ``state.json`` beside the state (``read_metadata(path)["metadata"]``),
+            committed by the same rename as the tensors, so they can never disagree. Training puts
+            ``{"metrics": {...}, "watch": {"metric", "mode"}}`` there when it validated these weights,
+            and ``"stop_reason"`` on the checkpoint of a run that stopped early.
 
     Returns:
         ``path``.
@@ -210,6 +225,7 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"`state` must be a dict, got {type(state).__name__}")
+    _check_metadata(metadata)
     path = os.path.abspath(os.fspath(path))
     if global_step is None:
         global_step = step_of(path) if _NAME.match(os.path.basename(path)) else 0
@@ -226,6 +242,8 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
         "files": {TENSOR_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
         "state": tree,
     }
+    if metadata is not None:
+        meta["metadata"] = dict(metadata)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -238,6 +256,17 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError(f"`metadata` must be a dict with str keys or None, got {metadata!r:.100}")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`metadata` must hold JSON values only (None, bool, int, float, str, list, dict): {e}") from e
 
 
 def _commit(tmp: str, path: str) -> None:
@@ -304,33 +333,63 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
 
 
 class Saver:
-    """Saves checkpoints into a logdir and keeps the newest ``max_to_keep`` of them.
+    """Saves checkpoints into a logdir and keeps the newest ``max_to_keep`` of them, and the best ``keep_best``.
 
     Args:
         max_to_keep: how many recent checkpoints to keep (``None`` or 0: all).
         keep_checkpoint_every_n_hours: also keep, for good, one checkpoint per this
             many hours among those that fall out of the recent window.
         require_finite: refuse to commit a state holding NaN/Inf.
+        keep_best: also keep the ``keep_best`` checkpoints with the best value of
+            ``metric``, read from each checkpoint's metadata (``metadata={"metrics": ...}``)
+            or from the records of an evaluator in another process (``evaluations.json``
+            in the logdir). Checkpoints without the metric are ranked by nothing: only
+            the other rules keep them. Ties go to the earlier step.
+        metric: the metric ``keep_best`` ranks by, e.g. ``"accuracy"``.
+        mode: ``"max"`` (higher is better) or ``"min"`` (lower is better).
     """
 
     def __init__(self, max_to_keep: int | None = 5, keep_checkpoint_every_n_hours: float | None = None,
-                 require_finite: bool = True) -> None:
+                 require_finite: bool = True, *, keep_best: int = 0, metric: str | None = None,
+                 mode: str = "max") -> None:
         check_non_negative_int(max_to_keep, "max_to_keep", optional=True)
         check_positive(keep_checkpoint_every_n_hours, "keep_checkpoint_every_n_hours", optional=True)
         check_bool(require_finite, "require_finite")
+        check_non_negative_int(keep_best, "keep_best")
+        if metric is not None and not (isinstance(metric, str) and metric):
+            raise TypeError(f"`metric` must be a metric's name (a non-empty str) or None, got {metric!r}")
+        if keep_best and metric is None:
+            raise ValueError(f"`keep_best`={keep_best} needs `metric`, the name of the metric to rank checkpoints "
+                             "by, e.g. Saver(keep_best=3, metric='accuracy')")
         self.max_to_keep = max_to_keep or None
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.require_finite = require_finite
+        self.keep_best, self.metric, self.mode = keep_best, metric, _records.check_mode(mode)
         self._created = time.time()
         self._preserved: dict[str, set[str]] = {}
+        self._metrics: dict[str, dict[str, float]] = {}  # each checkpoint's metadata metrics, read once
+
+    def keeping_best(self, keep_best: int, metric: str, mode: str = "max") -> Saver:
+        """A saver with this one's settings that also keeps the best ``keep_best`` by ``metric`` (in ``mode``)."""
+        saver = Saver(self.max_to_keep, self.keep_checkpoint_every_n_hours, self.require_finite,
+                      keep_best=keep_best, metric=metric, mode=mode)
+        saver._created = self._created
+        return saver
 
     def save(self, state: Mapping[str, Any], logdir: str | os.PathLike, global_step: int, *,
-             final: bool = False) -> str:
-        """Commit ``state`` as ``<logdir>/model.ckpt-<global_step>``, then apply retention (``final``: see :func:`save`)."""
+             final: bool = False, metadata: Mapping[str, Any] | None = None) -> str:
+        """Commit ``state`` as ``<logdir>/model.ckpt-<global_step>``, then apply retention.
+
+        ``final`` and ``metadata``: see :func:`save`. A saver with a ``metric`` adds
+        ``"watch": {"metric", "mode"}`` to the metadata, for :func:`best_checkpoint`.
+        """
         logdir = os.path.abspath(os.fspath(logdir))
         preserved = self._preserved_in(logdir)
+        if self.metric is not None and not (metadata or {}).get("watch"):  # for best_checkpoint(logdir)
+            metadata = {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
         path = save(state, checkpoint_path(logdir, global_step), global_step=global_step,
-                    require_finite=self.require_finite, final=final)
+                    require_finite=self.require_finite, final=final, metadata=metadata)
+        self._metrics[path] = _metadata_metrics(metadata)
         self._retire_old(logdir, preserved)
         return path
 
@@ -349,10 +408,11 @@ class Saver:
         if self.max_to_keep is None:
             return
         checkpoints = list_checkpoints(logdir)
+        best = self._best(logdir, checkpoints) if self.keep_best else set()
         interval = (self.keep_checkpoint_every_n_hours or 0) * 3600
         anchor = max((self._created_time(p) for p in preserved), default=self._created)
         for path in checkpoints[: -self.max_to_keep]:
-            if path in preserved:
+            if path in preserved or path in best:
                 continue
             created = self._created_time(path)
             if interval and created >= anchor + interval:
@@ -360,6 +420,14 @@ class Saver:
                 anchor = created
                 continue
             _remove(path)
+
+    def _best(self, logdir: str, checkpoints: list[str]) -> set[str]:
+        """The best ``keep_best`` of ``checkpoints`` (all of ``logdir``'s) by the metric."""
+        assert self.metric is not None  # keep_best is only set with a metric (__init__)
+        for path in set(self._metrics) - set(checkpoints):
+            del self._metrics[path]  # retired ones
+        return set(_ranked(_checkpoint_metrics(logdir, checkpoints, self._metrics),
+                           self.metric, self.mode)[: self.keep_best])
 
     @staticmethod
     def _created_time(path: str) -> float:
@@ -393,6 +461,89 @@ def _remove(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- metrics
+
+
+def _metadata_metrics(metadata: Mapping[str, Any] | None) -> dict[str, float]:
+    metrics = (metadata or {}).get("metrics")
+    if not isinstance(metrics, Mapping):
+        return {}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _checkpoint_metrics(logdir: str | os.PathLike, checkpoints: list[str],
+                        cache: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
+    """Each checkpoint's metrics: an evaluator's records, then (over them) those in its own metadata."""
+    records = _records.read_records(logdir)
+    cache = {} if cache is None else cache
+    out = {}
+    for path in checkpoints:
+        if path not in cache:
+            try:
+                cache[path] = _metadata_metrics(read_metadata(path).get("metadata"))
+            except (ValueError, OSError):  # deleted or corrupt meanwhile: ranked by its records only
+                cache[path] = {}
+        out[path] = {**records.get(step_of(path), {}), **cache[path]}
+    return out
+
+
+def _ranked(metrics: Mapping[str, Mapping[str, float]], metric: str, mode: str) -> list[str]:
+    """The paths that have ``metric``, best first (NaN last, ties to the earlier step)."""
+    have = [(_records.rank_key(m[metric], step_of(p), mode), p) for p, m in metrics.items() if metric in m]
+    return [p for _, p in sorted(have)]
+
+
+def read_metrics(logdir: str | os.PathLike) -> dict[int, dict[str, float]]:
+    """The metrics known for each committed checkpoint in ``logdir``, by global step.
+
+    They come from the checkpoint's own metadata (in-process validation during
+    ``learning.train``) and from the records of an evaluator in another process
+    (``evaluation_loop(..., record=True)``); a checkpoint with neither is absent.
+    """
+    found = _checkpoint_metrics(logdir, list_checkpoints(logdir))
+    return {step_of(p): m for p, m in found.items() if m}
+
+
+def _watched(checkpoints: list[str]) -> dict[str, str] | None:
+    """The ``{"metric", "mode"}`` the newest checkpoint that names one was trained to watch."""
+    for path in reversed(checkpoints):
+        try:
+            watch = (read_metadata(path).get("metadata") or {}).get("watch")
+        except (ValueError, OSError):
+            continue
+        if isinstance(watch, dict) and isinstance(watch.get("metric"), str) and watch.get("mode") in _records.MODES:
+            return watch
+    return None
+
+
+def best_checkpoint(logdir: str | os.PathLike, metric: str | None = None, mode: str | None = None) -> str | None:
+    """The committed checkpoint in ``logdir`` with the best value of ``metric``, or ``None`` if none has it.
+
+    Args:
+        logdir: the training run's directory.
+        metric: default: the metric the run watched (``learning.train(watch=...)``,
+            recorded in its checkpoints' metadata).
+        mode: ``"max"`` or ``"min"``; default: the watched one's.
+
+    Ties go to the earlier step; a NaN is never best while a number is there.
+
+    Raises:
+        ValueError: ``metric`` or ``mode`` is not given and no checkpoint records a watch.
+    """
+    checkpoints = list_checkpoints(logdir)
+    watch = _watched(checkpoints)
+    if metric is None and watch is None:
+        raise ValueError(f"no checkpoint in {os.fspath(logdir)!r} records a watched metric; pass `metric` "
+                         "(and `mode`), e.g. best_checkpoint(logdir, 'accuracy', 'max')")
+    metric = metric if metric is not None else watch["metric"]  # type: ignore[index]
+    if mode is None:
+        if watch is None or watch["metric"] != metric:
+            raise ValueError(f"pass `mode`: 'max' if a higher {metric} is better, 'min' if a lower one is")
+        mode = watch["mode"]
+    ranked = _ranked(_checkpoint_metrics(logdir, checkpoints), metric, _records.check_mode(mode))
+    return ranked[0] if ranked else None
+
+
 # ---------------------------------------------------------------- inspection
 
 
@@ -416,4 +567,12 @@ def describe(path: str | os.PathLike, *, show_all: bool = False) -> str:
     meta = read_metadata(path)
     with safetensors.safe_open(os.path.join(path, TENSOR_FILE), framework="pt") as f:
         tensors = [(name, f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()]
-    return _listing.render(path, meta, tensors, show_all=show_all)
+    lines = [_listing.render(path, meta, tensors, show_all=show_all)]
+    if meta.get("metadata"):
+        lines.append("metadata:")
+        lines += [f"  {k} = {v}" for k, v in _listing._leaves(meta["metadata"], "")]
+    recorded = _records.read_records(os.path.dirname(os.path.abspath(path))).get(int(meta["global_step"]))
+    if recorded:
+        lines.append("metrics recorded by an evaluator:")
+        lines += [f"  {k} = {v:.6g}" for k, v in recorded.items()]
+    return "\n".join(lines)
