@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent('''
     torch.manual_seed(100 + rank)  # different on purpose: train() must make the processes start equal
     g = torch.Generator().manual_seed(0)
     inputs, labels = torch.randn(512, 8, generator=g), torch.randint(0, 3, (512,), generator=g)
-    loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle="shuffle" in opts)
+    own = torch.Generator().manual_seed(7) if "generator" in opts else None  # the loader's own shuffle generator
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle="shuffle" in opts, generator=own)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
@@ -54,6 +55,7 @@ SCRIPT = textwrap.dedent('''
         return losses.get_total_loss()
 
     op = learning.create_train_op(total_loss, optimizer)
+    op.accumulate_steps = int(opts.get("accumulate", 1))
     kwargs = {k: int(opts[k]) for k in ("rank", "world_size") if k in opts}
     learning.train(op, logdir, loader, number_of_steps=target, save_interval_steps=int(opts.get("save_every", 10)),
                    save_summaries_steps=5, master=opts.get("master"), progress_bar=False, **kwargs)
@@ -113,6 +115,75 @@ def test_two_processes_of_batch_32_match_one_process_of_batch_64(tmp_path):
     events = [n for n in os.listdir(tmp_path / "two") if n.startswith("events")]
     assert len(events) == 1
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path / "two")] == [10, 20, 24]
+
+
+def single(tmp_path, logdir, target, batch, *opts):
+    return subprocess.run([sys.executable, script(tmp_path), str(logdir), str(target), str(batch), *opts], env=env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_same_run(one: dict, rank0: dict, rank1: dict) -> None:
+    for name in one:
+        assert torch.equal(rank0[name], rank1[name]), f"{name}: the two processes differ"
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_past_epoch_boundaries_a_loader_with_its_own_generator_shuffles_as_in_one_process(tmp_path):
+    # 512 examples: an epoch is 8 updates of 64; 20 updates cross two epoch boundaries.
+    alone = single(tmp_path, tmp_path / "one", 20, 64, "shuffle=1", "generator=1")
+    assert alone.returncode == 0, alone.stderr
+    pair = torchrun(tmp_path, tmp_path / "two", 20, 32, "shuffle=1", "generator=1")
+    assert pair.returncode == 0, pair.stderr
+    assert_same_run(*(weights(f"{tmp_path}/{n}.safetensors") for n in ("one.rank0", "two.rank0", "two.rank1")))
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_two_micro_batches_of_16_match_one_process_of_64(tmp_path):
+    alone = single(tmp_path, tmp_path / "one", 12, 64)
+    assert alone.returncode == 0, alone.stderr
+    pair = torchrun(tmp_path, tmp_path / "two", 12, 16, "accumulate=2")
+    assert pair.returncode == 0, pair.stderr
+    assert_same_run(*(weights(f"{tmp_path}/{n}.safetensors") for n in ("one.rank0", "two.rank0", "two.rank1")))
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path / "two")) == 12
+
+
+def two_nodes(tmp_path, target, nodes):
+    """Two torchrun agents (--nnodes=2, c10d rendezvous on loopback), each in its own directory, logdir "run".
+
+    The relative logdir stands for a logdir on each machine's own disk: the path
+    the chief finds does not exist for the other node. Node addresses sort so
+    that the first directory's node gets rank 0.
+    """
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node, addr in zip(nodes, ("127.0.0.1", "127.0.0.2")):
+        node.mkdir(exist_ok=True)
+        cmd = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+               "--rdzv-id=nodes", f"--local-addr={addr}", script(tmp_path), "run", str(target), "32", "shuffle=1"]
+        procs.append(subprocess.Popen(cmd, cwd=node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    return [err for _, err in outputs]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_a_logdir_each_resume_from_the_chief_s_checkpoint_by_broadcast(tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    two_nodes(tmp_path, 10, nodes)
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(nodes[0] / "run")) == 10
+    assert checkpoint.latest_checkpoint(nodes[1] / "run") is None  # only the chief writes, on its own disk
+    errors = two_nodes(tmp_path, 20, nodes)
+    assert "Rank 1 cannot read run/model.ckpt-10" in errors[1] and "receiving the checkpoint from the chief" in errors[1]
+    # The same as one uninterrupted run on one machine: rank 1 got the weights, optimizer, data position and RNG.
+    straight = torchrun(tmp_path, tmp_path / "straight", 20, 32, "shuffle=1")
+    assert straight.returncode == 0, straight.stderr
+    expected = weights(f"{tmp_path}/straight.rank0.safetensors")
+    rank0, rank1 = weights(nodes[0] / "run.rank0.safetensors"), weights(nodes[1] / "run.rank1.safetensors")
+    for name in expected:
+        assert torch.equal(rank0[name], rank1[name]) and torch.equal(rank0[name], expected[name]), name
 
 
 @pytest.mark.slow
@@ -284,3 +355,44 @@ def test_buckets_are_reduced_while_the_backward_pass_runs_and_in_one_order(group
     averager.close()
     model(x).sum().backward()
     assert not [e for e in events if e[0] == "reduce"]
+
+
+def test_ddp_runs_through_the_user_s_own_model_and_inner_micro_batches_communicate_nothing(group_of_one):
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from torchslim.distributed import DDPGradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    names = list(model.state_dict())
+    frozen = model[2].bias  # requires a gradient but is not trained: left out of the reduction
+    op = create_train_op(lambda b: model(b).square().mean(), torch.optim.SGD(model.parameters(), lr=0.1),
+                         variables_to_train=[p for p in model.parameters() if p is not frozen])
+    op.accumulate_steps = 2
+    sync = DDPGradients(op.modules, op.trained_parameters)
+    reduced = []
+
+    def counting(state, bucket):
+        reduced.append(bucket.buffer().numel())
+        return allreduce_hook(dist.group.WORLD, bucket)
+
+    sync.ddp.register_comm_hook(None, counting)
+    x = torch.randn(4, 8)
+    with op.synchronized(sync):
+        op.run(x)  # the inner micro-batch: forward and backward under no_sync
+        assert reduced == []
+        op.run(x)  # the last: one reduction of the trained parameters, during the backward pass
+    assert sum(reduced) == sum(p.numel() for p in model.parameters()) - frozen.numel()
+    assert op.step == 1 and isinstance(model, torch.nn.Sequential) and list(model.state_dict()) == names
+    assert list(op.state_dict()["model"]) == names  # no "module." prefix
+    ddp = weakref.ref(sync.ddp)
+    sync.close()
+    gc.collect()
+    assert ddp() is None and not hasattr(frozen, "_ddp_ignored")
+    reduced.clear()
+    model(x).sum().backward()  # the user's model is plain again
+    assert reduced == []

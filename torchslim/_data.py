@@ -17,6 +17,7 @@ with one indexed read per batch where it can (see :class:`BatchedReads`).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 from collections.abc import Iterator
@@ -216,6 +217,12 @@ class DataStream:
                 return
             self.batch += world
             yield batch
+        # Run the epoch's iterator out, as one process does: a sampler draws again when
+        # exhausted (RandomSampler with its own generator does), and the next epoch's
+        # order must come from the same generator state as in a run of one process.
+        with contextlib.suppress(StopIteration):
+            while True:
+                self._skip(it, 1)
 
     def _start_epoch(self) -> Iterator[Any]:
         if self._resume is None:

@@ -3,8 +3,8 @@
 An engine answers the questions a run asks that depend on how many processes
 take part and how they cooperate. :class:`Engine` is the single-process one;
 ``distributed.DataParallel`` (synchronous, gradients averaged every update) and
-``_hogwild.Hogwild`` (asynchronous forked workers) override what differs. A new
-engine (DDP, FSDP) overrides the same few methods:
+``_hogwild.Hogwild`` (asynchronous forked workers) override what differs. Another
+engine (FSDP) overrides the same few methods:
 
 * ``start``/``close``: join and leave the process group.
 * ``find_checkpoint``: which checkpoint every process restores.

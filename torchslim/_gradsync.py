@@ -1,6 +1,13 @@
-"""Gradient averaging across processes that overlaps the backward pass, in buckets, as DDP's reducer does.
+"""Gradient averaging across processes, overlapping the backward pass: PyTorch's DDP, and a fallback.
 
-The model is not wrapped (the user's loss function keeps calling the user's
+:class:`DDPGradients` is the one a run uses: ``torch.nn.parallel.DistributedDataParallel``
+over the user's modules, its reducer driven by hooks on those modules, so that the
+user's loss function keeps calling the user's model and checkpoint names stay its
+``state_dict`` names. :class:`GradientAverager` serves only where DDP cannot: a
+train op that trains loose tensors (``create_train_op(model={"w": tensor})``),
+which belong to no module and so cannot be handed to DDP.
+
+GradientAverager: the model is not wrapped (the user's loss function keeps calling the user's
 module, and checkpoint names stay its ``state_dict`` names): instead a hook on
 each trained parameter (``register_post_accumulate_grad_hook``) copies its
 gradient into a flat bucket as soon as autograd has finished it, and a bucket
@@ -21,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 DEFAULT_BUCKET_MB = 25  # DDP's default bucket_cap_mb
 FIRST_BUCKET_MB = 1  # as DDP: a small first bucket starts the communication early in the backward pass
@@ -141,3 +149,86 @@ def _buckets(params: list[torch.Tensor], cap_bytes: int) -> list[_Bucket]:
             sizes[key] = 0
     buckets += [_Bucket(group) for group in pending.values() if group]
     return buckets
+
+
+class DDPGradients:
+    """``DistributedDataParallel`` over the user's modules, called through the modules themselves.
+
+    DDP's reducer (buckets of ``bucket_mb``, all-reduced while the backward pass
+    runs, the average written into each ``param.grad`` when it ends) needs to
+    see every forward pass: DDP's own ``forward`` tells the reducer a backward
+    pass is coming. Here a forward pre-hook and a forward hook on each of the
+    user's top-level modules run the same two halves of ``DistributedDataParallel.forward``
+    (``_pre_forward``, ``_post_forward``) around the user's own call, so
+    ``model(x)`` in the loss function is DDP's forward without a wrapper in
+    sight: the user's model object, its ``state_dict`` names and every reference
+    to it stay as they were. :meth:`close` removes the hooks and drops the DDP
+    object (its reducer takes its autograd hooks with it).
+
+    A :class:`~torchslim._types.GradientSync`: ``no_sync()`` must enclose the
+    forward pass as well as the backward pass of an inner micro-batch (as with
+    DDP itself); ``synchronize()`` has nothing left to do, the reducer finished
+    when the backward pass did.
+
+    Args:
+        modules: the train op's modules by name (one: the model itself).
+        trained: the parameters the train op updates; other parameters that
+            require a gradient are left out of the reduction.
+        device: the modules' device (a CUDA device gives DDP its ``device_ids``).
+        bucket_mb: DDP's ``bucket_cap_mb``.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], trained: Sequence[torch.Tensor],
+                 device: torch.device | None = None, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
+        self.root = next(iter(modules.values())) if len(modules) == 1 else torch.nn.ModuleDict(modules)
+        trained_ids = {id(p) for p in trained}
+        ignored = [n for n, p in self.root.named_parameters() if p.requires_grad and id(p) not in trained_ids]
+        if ignored:
+            DDP._set_params_and_buffers_to_ignore_for_model(self.root, ignored)
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device is not None and device.type == "cuda" else None
+        # init_sync=False: the engine has already made every process start equal (restore or broadcast).
+        self.ddp: DDP | None = DDP(self.root, device_ids=device_ids, bucket_cap_mb=bucket_mb, init_sync=False)
+        self._depth = 0  # nesting of calls into the hooked modules: only the outermost is DDP's forward
+        self._handles = []
+        for module in modules.values():
+            self._handles.append(module.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+
+    def _pre_forward(self, module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+        self._depth += 1
+        if self._depth == 1 and self.ddp is not None:
+            return self.ddp._pre_forward(*args, **kwargs)  # may move the inputs to the device, as DDP does
+        return None
+
+    def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        self._depth -= 1
+        if self._depth == 0 and self.ddp is not None:
+            return self.ddp._post_forward(output)
+        return None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Forward and backward passes of a micro-batch that does not end the update: communicate nothing."""
+        if self.ddp is None:
+            yield
+            return
+        with self.ddp.no_sync():
+            yield
+
+    def synchronize(self) -> None:
+        """Nothing: DDP's reducer has averaged every gradient by the end of the backward pass."""
+
+    __call__ = synchronize
+
+    def close(self) -> None:
+        """Take the hooks off the user's modules and drop DDP (its reducer's autograd hooks go with it)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.ddp = None
+        if hasattr(self.root, "_ddp_params_and_buffers_to_ignore"):
+            del self.root._ddp_params_and_buffers_to_ignore
+        for p in self.root.parameters():
+            if hasattr(p, "_ddp_ignored"):
+                del p._ddp_ignored

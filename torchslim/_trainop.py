@@ -110,6 +110,12 @@ class TrainOp:
 
     def forward_backward(self, batch: Any = NO_BATCH) -> tuple[torch.Tensor, losses.LossCollection]:
         """Compute one micro-batch's loss and add its gradients; return the detached loss and the losses recorded."""
+        if self._micro_batches + 1 < self.accumulate_steps:
+            with self._sync.no_sync():  # an inner micro-batch: nothing to communicate (DDP: forward included)
+                return self._forward_backward(batch)
+        return self._forward_backward(batch)
+
+    def _forward_backward(self, batch: Any) -> tuple[torch.Tensor, losses.LossCollection]:
         with losses.collect_losses() as collected, self.precision.autocast():
             loss = self.total_loss() if batch is NO_BATCH else self.total_loss(batch)
         if self._sync_numerics is None:
@@ -122,13 +128,7 @@ class TrainOp:
                 p.grad = None
         self._micro_batches += 1
         k = self.accumulate_steps
-        ends_update = self._micro_batches == k
-        scaled = self.precision.scale(loss if k == 1 else loss / k)
-        if ends_update:
-            self._backward(scaled)
-        else:
-            with self._sync.no_sync():  # an inner micro-batch: nothing to communicate yet
-                self._backward(scaled)
+        self._backward(self.precision.scale(loss if k == 1 else loss / k))
         loss = loss.detach()
         if k > 1:
             self._update_loss = loss if first or self._update_loss is None else self._update_loss + loss

@@ -6,11 +6,14 @@ script once per process with ``torchrun`` (or pass ``master=``, ``rank=`` and
 
 * sets up the process group (gloo on CPU, nccl for a model on CUDA) and tears
   it down at the end, unless the caller had set one up already;
-* restores, on every process, the checkpoint the chief picked, or broadcasts the
-  chief's freshly initialized weights, so that all start equal;
-* averages the gradients of every update across processes, in buckets
-  all-reduced while the backward pass still runs (as DDP's reducer, without
-  wrapping the model), so that all stay equal;
+* restores, on every process, the checkpoint the chief picked (a process that
+  cannot read it, on a machine that does not see the chief's logdir, receives
+  it from the chief by broadcast), or broadcasts the chief's freshly
+  initialized weights, so that all start equal;
+* averages the gradients of every update across processes with PyTorch's
+  ``DistributedDataParallel`` (buckets all-reduced while the backward pass still
+  runs), driven through hooks on the user's own modules: the loss function keeps
+  calling the user's model, and checkpoint names stay its ``state_dict`` names;
 * gives each process every ``world_size``-th batch of one shared order;
 * lets only the chief (rank 0 unless ``is_chief`` says otherwise) write
   checkpoints, summaries and traces;
@@ -27,6 +30,7 @@ checkpoints and summarizes.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -39,10 +43,10 @@ import torch.distributed as dist
 from torchslim import checkpoint
 from torchslim._checks import check_bool, check_non_negative_int
 from torchslim._engine import Engine
-from torchslim._gradsync import GradientAverager
+from torchslim._gradsync import DDPGradients, GradientAverager
 from torchslim._hogwild import Hogwild, SharedGlobalStep, hogwild
 
-__all__ = ["Cluster", "DataParallel", "GradientAverager", "SharedGlobalStep", "StopVote", "engine_for", "hogwild",
+__all__ = ["Cluster", "DataParallel", "DDPGradients", "GradientAverager", "SharedGlobalStep", "StopVote", "engine_for", "hogwild",
            "resolve_cluster"]
 
 log = logging.getLogger("torchslim")
@@ -173,7 +177,7 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
                 t.copy_(value)
 
 
-def give_shuffle_a_shared_generator(data: Any) -> None:
+def give_shuffle_a_shared_generator(data: Any, src: int = 0) -> None:
     """Make every process shuffle alike: a DataLoader shuffling from the global RNG gets a generator of its own.
 
     The processes split one order of the batches between them, so the order must
@@ -182,7 +186,7 @@ def give_shuffle_a_shared_generator(data: Any) -> None:
     """
     sampler = getattr(data, "sampler", None)
     if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
-        seed = broadcast_object(int(torch.randint(0, 2**62, ()).item()))
+        seed = broadcast_object(int(torch.randint(0, 2**62, ()).item()), src)
         sampler.generator = torch.Generator().manual_seed(seed)
 
 
@@ -238,7 +242,8 @@ class DataParallel(Engine):
     Joins the process group (unless one exists), restores on every process the
     checkpoint the chief picked (or broadcasts the chief's fresh weights), gives
     a shuffling DataLoader a generator shared by all, averages the gradients with
-    a :class:`GradientAverager`, and stops all processes together (:class:`StopVote`).
+    :class:`DDPGradients` (a :class:`GradientAverager` for loose tensors, which
+    DDP cannot take), and stops all processes together (:class:`StopVote`).
     """
 
     def __init__(self, cluster: Cluster, device: torch.device | None) -> None:
@@ -246,16 +251,21 @@ class DataParallel(Engine):
         self.cluster, self.device = cluster, device
         self.created_group = False
         self.vote: StopVote | None = None
-        self.averager: GradientAverager | None = None
+        self.sync: DDPGradients | GradientAverager | None = None
+        self.chief_rank = 0
 
     def start(self) -> None:
         self.created_group = start_group(self.cluster, self.device)
         self.vote = StopVote()
+        # is_chief may name another rank than 0: every broadcast of the chief's state comes from it.
+        flags = torch.tensor([self.rank if self.is_chief else -1])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.vote.group)
+        self.chief_rank = max(int(flags.item()), 0)
 
     def close(self) -> None:
-        if self.averager is not None:
-            self.averager.close()  # its hooks leave the user's parameters
-            self.averager = None
+        if self.sync is not None:
+            self.sync.close()  # its hooks leave the user's modules and parameters
+            self.sync = None
         if self.vote is not None and dist.is_initialized():
             self.vote.close()
         self.vote = None
@@ -264,26 +274,105 @@ class DataParallel(Engine):
         self.created_group = False
 
     def prepare_data(self, data: Any) -> None:
-        give_shuffle_a_shared_generator(data)
+        give_shuffle_a_shared_generator(data, self.chief_rank)
 
     def find_checkpoint(self, find: Callable[[], Any]) -> Any:
-        """The chief looks; every process loads the checkpoint it found."""
-        restored = find() if self.is_chief else None
-        path = broadcast_object(restored[0] if restored else None)
-        if path is None or restored is not None:
-            return restored
-        return path, checkpoint.load(path)
+        """The chief looks; every process loads the checkpoint it found, or receives it from the chief.
 
-    def prepare(self, train_op: Any, restored: bool) -> GradientAverager:
+        A process that cannot read the path (a machine that does not see the
+        chief's logdir) gets the chief's state by broadcast: tensors as one
+        safetensors buffer, the rest as JSON (nothing is pickled).
+        """
+        restored = find() if self.is_chief else None
+        path = broadcast_object(restored[0] if restored else None, self.chief_rank)
+        if path is None:
+            return None
+        state, failure = (restored[1], None) if restored is not None else _try_load(path)
+        missing = torch.tensor([0 if state is not None else 1])
+        dist.all_reduce(missing)
+        if int(missing.item()) == 0:
+            return path, state
+        if state is None:
+            log.warning("Rank %d cannot read %s (%s): receiving the checkpoint from the chief", self.rank, path,
+                        failure)
+        received = broadcast_state(state if self.is_chief else None, self.chief_rank)
+        return path, state if state is not None else received
+
+    def prepare(self, train_op: Any, restored: bool) -> DDPGradients | GradientAverager:
         if not restored:  # every process starts from the chief's weights
-            broadcast_tensors(list(train_op.model_variables().values()))
-        self.averager = GradientAverager(train_op.trained_parameters, self.world_size)
-        return self.averager
+            broadcast_tensors(list(train_op.model_variables().values()), self.chief_rank)
+        modules = train_op.modules
+        in_modules = {id(p) for m in modules.values() for p in m.parameters()}
+        if modules and all(id(p) in in_modules for p in train_op.trained_parameters):
+            self.sync = DDPGradients(modules, train_op.trained_parameters, self.device)
+        else:  # loose tensors are no module's parameters: DDP cannot reduce them
+            self.sync = GradientAverager(train_op.trained_parameters, self.world_size)
+        return self.sync
 
     def agree_to_stop(self, wants_stop: bool, step: int) -> bool:
         if self.vote is None:
             raise RuntimeError("DataParallel.agree_to_stop() before start()")
         return self.vote(wants_stop, step)
+
+
+def _try_load(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        return checkpoint.load(path), None
+    except (OSError, ValueError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def broadcast_state(state: dict[str, Any] | None, src: int) -> dict[str, Any]:
+    """A checkpoint's state as rank ``src`` has it: tensors in one safetensors buffer, the rest JSON."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    if dist.get_rank() == src:
+        if state is None:
+            raise RuntimeError("broadcast_state: the source rank has no state")
+        tensors: dict[str, torch.Tensor] = {}
+        tree = _flatten(state, tensors)
+        payloads = [json.dumps(tree).encode(), st_save({k: v.cpu().clone() for k, v in tensors.items()})]
+        sizes = torch.tensor([len(p) for p in payloads], dtype=torch.int64)
+    else:
+        payloads, sizes = [], torch.zeros(2, dtype=torch.int64)
+    dist.broadcast(sizes, src=src)
+    buffers = [torch.frombuffer(bytearray(p), dtype=torch.uint8) if payloads else
+               torch.empty(int(n), dtype=torch.uint8) for p, n in zip(payloads or [b"", b""], sizes.tolist())]
+    for b in buffers:
+        dist.broadcast(b, src=src)
+    if payloads:
+        return state  # type: ignore[return-value]
+    tree, tensors = json.loads(bytes(buffers[0].numpy())), st_load(bytes(buffers[1].numpy()))
+    return _unflatten(tree, tensors)
+
+
+_TENSOR_KEY = "__torchslim_tensor__"
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` with each tensor replaced by a reference into ``tensors`` (JSON-able if the rest is)."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach()
+        return {_TENSOR_KEY: key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__": [_flatten(v, tensors) for v in obj]}
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR_KEY in obj:
+            return tensors[obj[_TENSOR_KEY]]
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_unflatten(v, tensors) for v in obj["__list__"]]
+        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    return obj
 
 
 def engine_for(cluster: Cluster, device: torch.device | None, *, asynchronous: bool = False,
