@@ -5,8 +5,9 @@ the supervised train loop), :mod:`~torchslim.evaluation`,
 :mod:`~torchslim.summaries`, :mod:`~torchslim.queues` and
 :mod:`~torchslim.model_analyzer`; beside them :mod:`~torchslim.losses`,
 :mod:`~torchslim.checkpoint`, :mod:`~torchslim.variables`,
-:mod:`~torchslim.gradients`, :mod:`~torchslim.policies` and
-:mod:`~torchslim.distributed`. The most used names are also here at the top level.
+:mod:`~torchslim.gradients`, :mod:`~torchslim.policies`,
+:mod:`~torchslim.distributed` and :mod:`~torchslim.validation` (evaluation during
+training, best checkpoints, early stopping). The most used names are also here at the top level.
 """
 
 from torchslim import (
@@ -20,11 +21,13 @@ from torchslim import (
     policies,
     queues,
     summaries,
+    validation,
     variables,
 )
-from torchslim.checkpoint import Saver, latest_checkpoint
+from torchslim.checkpoint import Saver, best_checkpoint, latest_checkpoint
 from torchslim.evaluation import evaluate_once, evaluation_loop
 from torchslim.learning import GlobalStep, NonFiniteError, TrainOp, create_train_op, register_update_op, train
+from torchslim.validation import Validation, Watch
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,9 @@ __all__ = [
     "NonFiniteError",
     "Saver",
     "TrainOp",
+    "Validation",
+    "Watch",
+    "best_checkpoint",
     "checkpoint",
     "create_train_op",
     "distributed",
@@ -49,5 +55,6 @@ __all__ = [
     "register_update_op",
     "summaries",
     "train",
+    "validation",
     "variables",
 ]

@@ -197,8 +197,10 @@ class Trace(Service):
 class ProgressBar(Service):
     """A tqdm bar on stderr: global steps (of ``number_of_steps``), the loss every 10 updates, steps/s, ETA."""
 
-    def __init__(self, total: int | None, initial: int) -> None:
+    def __init__(self, total: int | None, initial: int, status: Mapping[str, str] | None = None) -> None:
         self.total, self.initial = total, initial
+        self.status = status if status is not None else {}  # more values to show, e.g. the last validation's
+        self._shown: Mapping[str, str] = {}
         self._bar: Any = None
 
     def start(self) -> None:
@@ -212,8 +214,10 @@ class ProgressBar(Service):
 
     def after_step(self, step: int, result: StepResult) -> bool:
         self._bar.update(step - self._bar.n)
-        if step % 10 == 0:
-            self._bar.set_postfix(loss=f"{result.loss.item():.4f}", refresh=False)  # host sync, every 10 steps
+        if step % 10 == 0 or self.status != self._shown:
+            self._shown = dict(self.status)
+            self._bar.set_postfix(loss=f"{result.loss.item():.4f}", **self.status,  # host sync, every 10 steps
+                                  refresh=False)
         return False
 
     def close(self) -> None:
@@ -226,28 +230,50 @@ class Checkpoints(Service):
 
     ``state_fn()`` gives the state to save; before any save the train op's
     deferred NaN check is read, so that a checkpoint never holds a run that went bad.
+    ``metadata_fn(step, final, by_request)``, called before ``state_fn``, gives what
+    the checkpoint's metadata records (a validation's metrics, a stop reason).
     """
 
     def __init__(self, train_op: TrainOp, saver: checkpoint.Saver | None, policy: Policy,
                  logdir: str | os.PathLike[str] | None,
-                 is_chief: bool, state_fn: Callable[[], dict[str, Any]]) -> None:
+                 is_chief: bool, state_fn: Callable[[], dict[str, Any]],
+                 metadata_fn: Callable[[int, bool, bool], dict[str, Any] | None] | None = None) -> None:
         self.train_op, self.saver, self.policy = train_op, saver, policy
         self.logdir, self.is_chief, self.state_fn = logdir, is_chief, state_fn
+        self.metadata_fn = metadata_fn
         self.last_saved_step: int | None = None
+        self._due: tuple[int, bool] = (-1, False)  # the policy's answer for a step, asked once
+        self._requested = False
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after ``step`` (the policy is asked once per step, whoever asks first)."""
+        if self._due[0] != step:
+            self._due = (step, self.policy.should_trigger(step) or self._requested)
+        return self._due[1]
+
+    def request_save(self) -> None:
+        """Save after the current step, whatever the policy says (e.g. weights just validated)."""
+        self._requested = True
+        self._due = (self._due[0], True)
 
     def after_step(self, step: int, result: StepResult) -> bool:
-        if self.policy.should_trigger(step):
+        if self.due(step):
+            self._requested = False
             self.save()
         return False
 
-    def save(self, final: bool = False) -> None:
-        """Commit a checkpoint at the current global step (chief only, when there is a logdir)."""
+    def save(self, final: bool = False, by_request: bool = False) -> None:
+        """Commit a checkpoint at the current global step (chief only, when there is a logdir).
+
+        ``by_request``: the run is ending because it was asked to (a signal).
+        """
         self.train_op.flush_numerics_check()
         if self.logdir is None or self.saver is None or not self.is_chief:
             return
         step = self.train_op.step
         started, again = time.monotonic(), step == self.last_saved_step
-        path = self.saver.save(self.state_fn(), self.logdir, step, final=final)
+        metadata = self.metadata_fn(step, final, by_request) if self.metadata_fn is not None else None
+        path = self.saver.save(self.state_fn(), self.logdir, step, final=final, metadata=metadata)
         self.last_saved_step = step
         if again:  # the run ended right after a periodic save: the same step, now marked final for evaluators
             log.info("Marked %s as the final checkpoint of the run", path)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.utils.data.distributed
 
-from torchslim import checkpoint, distributed, policies
+from torchslim import checkpoint, distributed, policies, validation
 from torchslim._checks import (
     check_bool,
     check_callable,
@@ -60,6 +60,8 @@ class TrainConfig:
     world_size: int | None = None
     sync_optimizer: bool | None = None
     startup_delay_steps: int = 0
+    validation: Any = None  # a torchslim.validation.Validation
+    watch: Any = None  # a torchslim.validation.Watch
 
     # Decided from the arguments above, in __post_init__.
     device: torch.device | None = field(init=False)  # the model's device, when it is an accelerator
@@ -74,6 +76,8 @@ class TrainConfig:
         self._decide("device", _model_device(self.train_op))
         self._decide("cluster", self._check_processes())
         self._decide("asynchronous", self.sync_optimizer is False)
+        validation.check(self.validation, self.watch, logdir=self.logdir, saver=self.saver,
+                         asynchronous=self.asynchronous)
 
     def _decide(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

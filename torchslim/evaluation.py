@@ -39,8 +39,9 @@ import torch
 from torchslim import checkpoint, queues, summaries, variables
 from torchslim._checks import check_callable, check_directory, check_fits, check_positive_int, check_seconds
 from torchslim._data import iterate
+from torchslim._evalrun import default_eval_fn, evaluating, model_device, run_pass
 from torchslim._logs import default_logging
-from torchslim._metrics import as_scalars, check_metrics
+from torchslim._metrics import check_metrics
 from torchslim._prefetch import prefetch_depth
 from torchslim._types import DEFAULT
 from torchslim._watch import (
@@ -81,10 +82,6 @@ class StopAfterNEvalsHook:
 
     def after_batch(self, num_batches_done: int) -> bool:
         return num_batches_done >= self.num_evals
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,21 +139,7 @@ class EvalConfig:
         return model_vars if self.restore is None else self.restore
 
     def device(self) -> torch.device:
-        return next(itertools.chain(self.model.parameters(), self.model.buffers()), torch.empty(0)).device
-
-    def default_eval_fn(self) -> Callable[[Any], tuple[Any, Any]]:
-        device = self.device()
-        model = self.model
-
-        def eval_fn(batch: Any) -> tuple[Any, Any]:
-            try:
-                inputs, targets = batch
-            except (TypeError, ValueError):
-                raise TypeError("the default `eval_fn` takes (inputs, targets) batches, got a "
-                                f"{type(batch).__name__}; pass eval_fn=lambda batch: (predictions, targets)") from None
-            return model(_to(inputs, device)), _to(targets, device)
-
-        return eval_fn
+        return model_device(self.model)
 
     def batches(self) -> Iterator[Any]:
         data = itertools.repeat(None) if self.data is None else self.data
@@ -228,52 +211,26 @@ def _read_checkpoint(path: str | os.PathLike | None) -> tuple[str, dict[str, tor
 @contextlib.contextmanager
 def _restored(model: torch.nn.Module, targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor],
               source: str) -> Iterator[None]:
-    """Load ``values`` into ``targets`` and eval mode; afterwards put the old weights and modes back."""
+    """Load ``values`` into ``targets`` and eval mode; afterwards put the old weights, modes and RNG states back."""
     check_fits(targets, values, source, hint="Pass `variables_to_restore` to choose (or rename) the variables")
-    modes = [(m, m.training) for m in model.modules()]
     with torch.no_grad():
         saved = {n: t.detach().clone() for n, t in targets.items()}
         for n, t in targets.items():
             t.copy_(values[n])
-    model.eval()
     try:
-        yield
+        with evaluating(model):
+            yield
     finally:
         with torch.no_grad():
             for n, t in targets.items():
                 t.copy_(saved[n])
-        for m, training in modes:
-            m.training = training
 
 
 def _run(ev: EvalConfig) -> tuple[dict[str, float], int]:
     """The batches through the metrics and ``eval_op``, then ``final_op``: ``(results, batches done)``."""
-    metrics = list(ev.metric_objects.values())
-    eval_fn, eval_op = ev.eval_fn or ev.default_eval_fn(), ev.eval_op
     stops = _methods(ev.hook_list, "after_batch")
-    if ev.initial_op is not None:
-        ev.initial_op()
-    n = 0
-    batches = ev.batches()
-    try:
-        for batch in batches:  # data that runs out ends the evaluation
-            if metrics:
-                predictions, targets = eval_fn(batch)
-                for metric in metrics:
-                    metric.update(predictions, targets)
-            if eval_op is not None:
-                eval_op(batch)
-            n += 1
-            if stops and any(stop(n) for stop in stops):
-                break
-    finally:
-        if isinstance(batches, queues.Prefetcher):
-            batches.close()  # joins its thread, also when a hook stopped early
-    results = {k: v for name, metric in ev.metric_objects.items()
-               for k, v in as_scalars(name, metric.compute(), f"metric {name!r}").items()}
-    final = ev.final_op() if ev.final_op is not None else None
-    if final is not None:
-        results.update(as_scalars("" if isinstance(final, Mapping) else "final_op", final, "`final_op`"))
+    results, n = run_pass(ev.metric_objects, ev.batches(), ev.eval_fn or default_eval_fn(ev.model),
+                          initial_op=ev.initial_op, eval_op=ev.eval_op, final_op=ev.final_op, stops=stops)
     if ev.num_evals is not None and n < ev.num_evals and ev.data is not None and not stops:
         log.info("The data ran out after %d of num_evals=%d batches", n, ev.num_evals)
     return results, n
@@ -284,14 +241,9 @@ def _evaluate(ev: EvalConfig, path: str, values: Mapping[str, torch.Tensor], ste
     """Restore, run, put the model back; write the results at ``step`` and flush; return them."""
     started = time.monotonic()
     with _restored(ev.model, ev.targets(), values, f"checkpoint {path}"):
-        for call in _methods(ev.metric_objects.values(), "reset") + _methods(ev.hook_list, "begin"):
-            call()
-        try:
-            with torch.inference_mode():
-                results, n = _run(ev)
-        finally:
-            for metric in ev.metric_objects.values():  # their states were made in inference mode: leave none behind
-                metric.reset()
+        for begin in _methods(ev.hook_list, "begin"):
+            begin()
+        results, n = _run(ev)
     for tag, value in results.items():
         writer.add_scalar(tag, value, step)
     writer.flush()

@@ -44,6 +44,7 @@ from torchslim._trainconfig import TrainConfig
 from torchslim._trainop import NO_BATCH, StepResult, TrainOp
 from torchslim._types import DEFAULT, GlobalStep, GradientTransform, NonFiniteError
 from torchslim.supervisor import Supervisor
+from torchslim.validation import Validation, Watch
 
 __all__ = [
     "GlobalStep",
@@ -338,6 +339,8 @@ def train(
     world_size: int | None = None,
     sync_optimizer: bool | None = None,
     startup_delay_steps: int = 0,
+    validation: Validation | None = None,
+    watch: Watch | None = None,
 ) -> float | None:
     """Run ``train_op`` as a supervised job: restore or init, step, summarize, checkpoint, stop, save.
 
@@ -389,12 +392,18 @@ def train(
             the shared parameters without waiting for each other (CPU only).
         startup_delay_steps: asynchronous mode only: non-chief workers wait until
             the global step reaches this before they start.
+        validation: a :class:`torchslim.validation.Validation`: evaluate held-out data
+            on a schedule, in this process, into ``<logdir>/eval`` (see :mod:`torchslim.validation`).
+        watch: a :class:`torchslim.validation.Watch`: a metric of the validation (or, without
+            one, of the records of an evaluator in another process) by which the best
+            checkpoints are kept and the run stops early.
 
     Returns:
         The last loss as a float, or ``None`` if no step was taken.
 
     A final checkpoint and summary are written when the target is reached, the
-    data runs out, or on SIGTERM / Ctrl-C (which are then re-raised); never after an error.
+    data runs out, the watched metric stops improving, or on SIGTERM / Ctrl-C
+    (which are then re-raised); never after an error.
     """
     config = TrainConfig(
         train_op=train_op, logdir=logdir, data=data, train_step_fn=train_step_fn,
@@ -404,7 +413,7 @@ def train(
         save_interval_secs=save_interval_secs, save_interval_steps=save_interval_steps,
         trace_every_n_steps=trace_every_n_steps, prefetch=prefetch, progress_bar=progress_bar, master=master,
         is_chief=is_chief, rank=rank, world_size=world_size, sync_optimizer=sync_optimizer,
-        startup_delay_steps=startup_delay_steps,
+        startup_delay_steps=startup_delay_steps, validation=validation, watch=watch,
     )
     step_fn = _run_step if train_step_fn is train_step else _with_step_result(train_step_fn)
     kwargs = config.step_kwargs()

@@ -11,11 +11,13 @@ around the step lives here or in the services it opens:
 * **data**: any iterable, re-iterated each epoch, its position checkpointed
   (see ``_data.DataStream``); batches may be drawn ahead in a background thread.
 * **services** (``_services``), opened in this order and closed in reverse:
-  signal handling, the engine's process group, summaries, traces, checkpoints,
-  and the progress bar once the starting step is known.
-* **stop**: at the target step, when the data runs out, on SIGTERM or on the
-  first Ctrl-C (a second Ctrl-C interrupts at once, without saving). A final
-  checkpoint is written in each of these cases; never after an error.
+  signal handling, the engine's process group, summaries, traces, validation
+  (``validation``; only when asked for), checkpoints, and the progress bar once
+  the starting step is known.
+* **stop**: at the target step, when the data runs out, when a watched metric
+  stops improving, on SIGTERM or on the first Ctrl-C (a second Ctrl-C
+  interrupts at once, without saving). A final checkpoint is written in each of
+  these cases; never after an error.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from torchslim import checkpoint, distributed, queues
+from torchslim import checkpoint, distributed, queues, validation
 from torchslim._data import DataStream, capture_rng
 from torchslim._services import Checkpoints, ProgressBar, Service, Signals, Summaries, Trace
 from torchslim._trainconfig import TrainConfig
@@ -50,9 +52,16 @@ class Supervisor:
         summary_writer = None if config.summary_op is None else config.summary_writer  # summary_op=None: no summaries
         self.summaries = Summaries(self.train_op, config.summary_policy(), summary_writer, config.logdir,
                                    self.is_chief, None if config.summary_op in (DEFAULT, None) else config.summary_op)
+        saver = validation.saver_for(config.saver or checkpoint.Saver(), config.watch)
         self.checkpoints = Checkpoints(
-            self.train_op, (config.saver or checkpoint.Saver()) if config.logdir is not None else None,
+            self.train_op, saver if config.logdir is not None else None,
             config.save_policy(), config.logdir, self.is_chief, self.state_dict)
+        self.validation: validation.ValidationService | None = None
+        if config.validation is not None or config.watch is not None:
+            self.validation = validation.ValidationService(
+                config.validation, config.watch, lambda: self.train_op.model, config.logdir, self.is_chief,
+                self.checkpoints)
+            self.checkpoints.metadata_fn = self.validation.metadata
         self.services: list[Service] = []  # those opened, in the order they act after a step
         # Their bound hooks, only where a service has one: the loop calls these every update.
         self._before: list[Callable[[int], None]] = []
@@ -60,6 +69,7 @@ class Supervisor:
         self._prefetcher: queues.Prefetcher | None = None
         self._stopped_by_request = False  # a signal here, or a stop agreed with the other processes
         self._scheduled_epoch = 0  # with lr_scheduler_interval="epoch": the epoch the scheduler was last stepped for
+        self._stopped_early_before = False  # the restored checkpoint is the last of a run that stopped early
         self._stack = contextlib.ExitStack()
 
     # ------------------------------------------------------------ start
@@ -71,6 +81,8 @@ class Supervisor:
             self._open(self.engine)
             self._open(self.summaries)
             self._open(Trace(self.config.trace_policy(), self.config.logdir, self.is_chief))
+            if self.validation is not None:
+                self._open(self.validation)  # before the checkpoints: a save records what it measured
             self._open(self.checkpoints)
             self._stack = stack.pop_all()
         return self
@@ -98,6 +110,9 @@ class Supervisor:
             path, state = restored
             self.train_op.load_state_dict(state)
             self.stream.load_state_dict(state.get("data", {"epoch": 0, "batch": 0}), state.get("rng"))
+            if self.validation is not None:
+                self.validation.load_state_dict(state.get("validation"))
+                self._stopped_early_before = self.validation.stopped_early
             self.checkpoints.last_saved_step = self.train_op.step
             log.info("Restored %s (global step %d)", path, self.train_op.step)
         elif self.config.init_fn is not None:
@@ -110,7 +125,8 @@ class Supervisor:
         sync = self.engine.prepare(self.train_op, restored is not None)
         self._stack.enter_context(self.train_op.synchronized(sync))
         if self.config.show_progress_bar and self.is_chief:
-            self._open(ProgressBar(self.config.number_of_steps, self.train_op.step))
+            status = self.validation.status if self.validation is not None else None
+            self._open(ProgressBar(self.config.number_of_steps, self.train_op.step, status))
 
     def _find_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
         if self.config.logdir is None:
@@ -123,6 +139,10 @@ class Supervisor:
         n = self.config.number_of_steps
         return n is not None and self.train_op.step >= n
 
+    def stopped_early_before(self) -> bool:
+        """The restored checkpoint is that of a run that stopped early: resuming it has nothing to do."""
+        return self._stopped_early_before
+
     def batches(self) -> Iterator[Any]:
         """The data, batch by batch, until it runs out (nothing at all if the target is already reached).
 
@@ -133,6 +153,10 @@ class Supervisor:
         if self.target_reached():
             log.info("Global step %d already reaches number_of_steps=%d: nothing to train",
                      self.train_op.step, self.config.number_of_steps)
+            return iter(())
+        if self.stopped_early_before():
+            log.info("This run stopped early at global step %d (%s): nothing to train",
+                     self.train_op.step, self.validation.early.stop_reason)  # type: ignore[union-attr]
             return iter(())
         if self.config.prefetch_depth and self.stream.data is not None:
             self._prefetcher = queues.prefetch(self.stream, self.config.prefetch_depth, device=self.config.device,
@@ -181,6 +205,8 @@ class Supervisor:
         state = self.train_op.state_dict()
         state["data"] = self.data_position()
         state["rng"] = capture_rng()
+        if self.validation is not None:
+            state["validation"] = self.validation.state_dict()
         return state
 
     # ------------------------------------------------------------ end
@@ -188,16 +214,20 @@ class Supervisor:
     def finish(self, result: StepResult | None) -> None:
         """The final summaries and checkpoint (unless already written at this step)."""
         step = self.train_op.step
-        if result is None and self.config.data is not None and not self.target_reached():
+        if (result is None and self.config.data is not None and not self.target_reached()
+                and not self.stopped_early_before()):
             # Not a run that ended: one that never began. Saving now would mark untrained weights final.
             raise ValueError(f"`data` yielded no batch ({type(self.config.data).__name__}); nothing was trained and "
                              "no checkpoint written. Is it empty, or a DataLoader with drop_last=True and fewer "
                              "samples than batch_size?")
         if result is not None and (self.summaries.last_written is None or self.summaries.last_written[0] != step):
             self.summaries.write(step, result)
-        ended_normally = not self._stopped_by_request  # target reached or data ran out
+        stopped_early = self.validation is not None and self.validation.stopped_early
+        # Target reached, data ran out, or the watched metric stopped improving: evaluators may stop too.
+        ended_normally = not self._stopped_by_request or stopped_early
         if self.checkpoints.last_saved_step != step or (ended_normally and result is not None):
-            self.checkpoints.save(final=ended_normally)  # the same step again only to mark it final, for evaluators
+            # The same step again only to mark it final (and say why), for evaluators.
+            self.checkpoints.save(final=ended_normally, by_request=not ended_normally)
         else:
             self.train_op.flush_numerics_check()
 

@@ -1,0 +1,257 @@
+"""Validation while training: untouched training, results written, best checkpoints kept, early stop and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from torchslim import checkpoint, evaluation, learning, losses
+from torchslim._evalrun import evaluating, run_pass
+from torchslim._metrics import check_metrics
+from torchslim.validation import EarlyStopping, Validation, Watch
+
+
+def data_sets(seed: int = 1) -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(240, 6, generator=g)
+    labels = (inputs[:, 0] + inputs[:, 1] * inputs[:, 2] > 0).long()
+    return TensorDataset(inputs[:192], labels[:192]), TensorDataset(inputs[192:], labels[192:])
+
+
+def accuracy(logits, labels):
+    return (logits.argmax(1) == labels).float().mean()
+
+
+def cross_entropy(logits, labels):
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+class Run:
+    """A run that uses every RNG a validation could disturb: shuffling, dropout, BatchNorm, noise."""
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        train, self.held_out = data_sets()
+        self.loader = DataLoader(train, batch_size=16, shuffle=True)
+        self.model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                         torch.nn.Dropout(0.3), torch.nn.Linear(32, 2))
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        self.train_op = learning.create_train_op(self.loss, optimizer)
+
+    def loss(self, batch):
+        x, y = batch
+        losses.sparse_softmax_cross_entropy(self.model(x + random.random() * 1e-3), y)
+        return losses.get_total_loss()
+
+    def validation(self, **schedule) -> Validation:
+        # A shuffled loader: iterating it draws from the global RNG, which must be put back.
+        data = DataLoader(self.held_out, batch_size=16, shuffle=True)
+        return Validation(data, {"accuracy": accuracy, "loss": cross_entropy}, **schedule)
+
+    def train(self, logdir, **kwargs):
+        kwargs.setdefault("save_interval_secs", None)
+        kwargs.setdefault("log_every_n_steps", 1000)
+        return learning.train(self.train_op, logdir, self.loader, **kwargs)
+
+
+def eval_records(logdir) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    with open(os.path.join(logdir, "eval", "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out.setdefault(r["step"], {})[r["tag"]] = r["value"]
+    return out
+
+
+def test_validating_leaves_training_bitwise_unchanged(tmp_path):
+    plain = Run()
+    plain.train(tmp_path / "plain", number_of_steps=40, save_interval_steps=10)
+    validated = Run()
+    validated.train(tmp_path / "validated", number_of_steps=40, save_interval_steps=10,
+                    validation=validated.validation(every_n_steps=7, at_checkpoints=True))
+    for name, tensor in plain.model.state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(tensor, validated.model.state_dict()[name]), name
+    assert plain.model.training and validated.model.training
+    # Evaluated at every 7 steps and at each save (10, 20, 30, 40; 40 is the final one).
+    assert sorted(eval_records(tmp_path / "validated")) == [7, 10, 14, 20, 21, 28, 30, 35, 40]
+    assert set(eval_records(tmp_path / "validated")[40]) == {"accuracy", "loss"}
+    final = checkpoint.latest_checkpoint(tmp_path / "validated")
+    assert set(checkpoint.read_metadata(final)["metadata"]["metrics"]) == {"accuracy", "loss"}
+
+
+def test_a_run_that_asks_for_none_of_it_writes_none_of_it(tmp_path):
+    run = Run()
+    run.train(tmp_path, number_of_steps=10, save_interval_steps=5)
+    path = checkpoint.latest_checkpoint(tmp_path)
+    assert "metadata" not in checkpoint.read_metadata(path)
+    assert "validation" not in checkpoint.load(path)
+    assert not os.path.exists(tmp_path / "eval")
+
+
+def test_the_evaluation_pass_puts_back_modes_buffers_and_rng():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.5))
+    model.train()
+    model[2].eval()  # a mixed mode must come back as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    py_rng = random.getstate()
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+        model[1].running_mean.add_(5)  # even a buffer written in eval mode is put back
+        torch.rand(3), random.random(), np.random.rand()
+        results, n = run_pass(check_metrics({"mean": lambda p, t: p.mean()}),
+                              [(torch.randn(4, 3), torch.zeros(4))] * 3, lambda b: (model(b[0]), b[1]))
+    assert n == 3 and isinstance(results["mean"], float)
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py_rng
+    assert all(p.grad is None for p in model.parameters())
+
+
+def scripted_validation(values, **schedule):
+    metric = _Curve(values)
+    return Validation([(torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))], {"score": metric}, **schedule), metric
+
+
+class _Curve:
+    def __init__(self, values):
+        self.values, self.n = list(values), 0
+
+    def reset(self):
+        pass
+
+    def update(self, predictions, targets):
+        pass
+
+    def compute(self):
+        self.n += 1
+        return self.values[self.n - 1]
+
+
+def test_the_best_checkpoints_are_kept_beside_the_newest(tmp_path):
+    run = Run()
+    validation, _ = scripted_validation([0.2, 0.9, 0.4, 0.8, 0.3, 0.1], every_n_steps=5)
+    run.train(tmp_path, number_of_steps=30, save_interval_steps=5, saver=checkpoint.Saver(max_to_keep=1),
+              validation=validation, watch=Watch("score", keep_best=2))
+    steps = [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)]
+    assert steps == [10, 20, 30]  # the best two (0.9 at 10, 0.8 at 20) and the newest
+    assert checkpoint.best_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 10)
+    assert checkpoint.read_metrics(tmp_path)[20] == {"score": 0.8}
+    # The best checkpoint is one evaluate_once (and export) accept as any other.
+    assert "accuracy" in evaluation.evaluate_once(checkpoint.best_checkpoint(tmp_path), None, run.model,
+                                                  run.validation(every_n_steps=1).data,
+                                                  metrics={"accuracy": accuracy}, summary_writer=None)
+
+
+def test_a_watch_with_keep_best_saves_at_each_evaluation(tmp_path):
+    run = Run()
+    validation, _ = scripted_validation([0.5, 0.7, 0.6], every_n_steps=4)
+    run.train(tmp_path, number_of_steps=12, save_interval_steps=None, saver=checkpoint.Saver(max_to_keep=5),
+              validation=validation, watch=Watch("score", keep_best=1))
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)] == [4, 8, 12]
+
+
+def test_early_stopping_writes_a_final_checkpoint_with_the_reason(tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="torchslim")
+    run = Run()
+    validation, metric = scripted_validation([0.5, 0.30, 0.32, 0.31, 0.2, 0.1], every_n_steps=3)
+    loss = run.train(tmp_path, number_of_steps=100, validation=validation, progress_bar=True,
+                     watch=Watch("score", mode="min", patience=2, min_delta=0.05))
+    assert loss is not None and run.train_op.step == 12  # best 0.30 at 6; 9 and 12 not better by 0.05
+    assert metric.n == 4
+    path = checkpoint.latest_checkpoint(tmp_path)
+    meta = checkpoint.read_metadata(path)
+    assert checkpoint.step_of(path) == 12 and meta["final"] is True
+    assert "did not improve" in meta["metadata"]["stop_reason"] and "global step 6" in meta["metadata"]["stop_reason"]
+    assert evaluation.training_finished(tmp_path)
+    assert any("Stopping early at global step 12" in r.getMessage() for r in caplog.records)
+    assert "score=0.31" in capsys.readouterr().err  # the progress bar shows the watched metric
+    # Run again with the same command: it stopped early, so there is nothing to do.
+    caplog.clear()
+    again = Run()
+    assert again.train(tmp_path, number_of_steps=100, validation=scripted_validation([9.0], every_n_steps=3)[0],
+                       watch=Watch("score", mode="min", patience=2, min_delta=0.05)) is None
+    assert again.train_op.step == 12 and any("stopped early" in r.getMessage() for r in caplog.records)
+
+
+def run_with_patience(logdir, crash_at=None):
+    run = Run()
+    validation = run.validation(every_n_steps=4)
+    step_fn = learning.train_step
+    if crash_at is not None:
+        def step_fn(train_op, batch, kwargs):
+            if train_op.step == crash_at:
+                raise RuntimeError("killed")
+            return learning.train_step(train_op, batch, kwargs)
+    kwargs = dict(number_of_steps=400, save_interval_steps=4, validation=validation, train_step_fn=step_fn,
+                  watch=Watch("loss", mode="min", patience=3, min_delta=0.02, keep_best=1))
+    try:
+        run.train(logdir, **kwargs)
+    except RuntimeError:
+        pass
+    return run
+
+
+def test_a_killed_and_resumed_run_stops_at_the_same_step(tmp_path):
+    once = run_with_patience(tmp_path / "once")
+    stop = once.train_op.step
+    assert stop < 400, "the curve must plateau for this test to mean anything"
+    early = EarlyStopping(Watch("loss", mode="min", patience=3, min_delta=0.02))
+    counts = {}
+    for step, results in sorted(eval_records(tmp_path / "once").items()):
+        early.update(step, results["loss"])
+        counts[step] = early.waited
+    # Crash two steps after an evaluation that left the count at 1 or 2: the checkpoint there must carry it.
+    crash = next(s for s, waited in counts.items() if waited > 0 and s < stop) + 2
+    crashed = run_with_patience(tmp_path / "twice", crash_at=crash)
+    assert crashed.train_op.step == crash
+    restored = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "twice"))["validation"]["early_stopping"]
+    assert restored["waited"] == counts[crash - 2] > 0
+    twice = run_with_patience(tmp_path / "twice")
+    assert twice.train_op.step == stop
+    for name, tensor in once.model.state_dict().items():
+        assert torch.equal(tensor, twice.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda v: {"watch": Watch("accuracy", mode="maximum")}, ValueError, "'max'.*'min'.*'maximum'"),
+    (lambda v: {"watch": Watch("accuracy", patience=0)}, ValueError, "patience.*>= 1.*0"),
+    (lambda v: {"watch": Watch("accuracy", min_delta=-1)}, ValueError, "min_delta"),
+    (lambda v: {"validation": Validation(None, None, every_n_steps=10)}, ValueError, "needs an evaluation"),
+    (lambda v: {"validation": Validation(v.data, v.metrics)}, ValueError, "needs a schedule"),
+    (lambda v: {"validation": Validation(iter(v.data), v.metrics, every_n_steps=3)}, ValueError, "one-shot"),
+    (lambda v: {"validation": v, "watch": Watch("acc")}, ValueError, "'acc'.*produces: accuracy, loss"),
+    (lambda v: {"validation": v, "watch": Watch("loss", mode="min"),
+                "saver": checkpoint.Saver(keep_best=1, metric="accuracy")}, ValueError, "give one of them"),
+    (lambda v: {"validation": "every 10 steps"}, TypeError, "validation"),
+])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, make, error, match):
+    run = Run()
+    with pytest.raises(error, match=match):
+        run.train(tmp_path / "run", number_of_steps=5, **make(run.validation(every_n_steps=2)))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_watch_without_validation_needs_a_logdir():
+    run = Run()
+    with pytest.raises(ValueError, match="logdir=None"):
+        run.train(None, number_of_steps=5, watch=Watch("accuracy"))
+
+
+def test_a_watched_metric_the_evaluation_does_not_produce_fails_at_the_first_evaluation(tmp_path):
+    run = Run()
+    validation = Validation(run.validation(every_n_steps=1).data, {"m": _Curve([{"a": 1.0, "b": 2.0}])},
+                            every_n_steps=3)  # produces m/a and m/b
+    with pytest.raises(ValueError, match="'m/c' is not one the validation produces; it produces: m/a, m/b"):
+        run.train(tmp_path, number_of_steps=10, validation=validation, watch=Watch("m/c"))
+    assert run.train_op.step == 3
