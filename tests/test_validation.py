@@ -255,3 +255,146 @@ def test_a_watched_metric_the_evaluation_does_not_produce_fails_at_the_first_eva
     with pytest.raises(ValueError, match="'m/c' is not one the validation produces; it produces: m/a, m/b"):
         run.train(tmp_path, number_of_steps=10, validation=validation, watch=Watch("m/c"))
     assert run.train_op.step == 3
+
+
+# ---------------------------------------------------------------- across two processes (TF-Slim's layout)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The model carries a clock (a buffer counting steps), and the evaluator's score is a
+# function of it, so the curve is known: best (0) at step 30, then worse every checkpoint.
+MODEL = '''
+import torch
+def make_model():
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("clock", torch.zeros(()))
+    return model
+class Score:
+    def __init__(self, model): self.model = model
+    def reset(self): pass
+    def update(self, predictions, targets): pass
+    def compute(self): return -abs(float(self.model.clock) - 30)
+'''
+
+TRAINER = '''
+import sys, time, torch
+from model import make_model
+from torchslim import checkpoint, learning, _records
+from torchslim.validation import Watch
+logdir = sys.argv[1]
+model = make_model()
+def total_loss():
+    step = op.step
+    if step > 30 and step % 10 == 1:  # from 31 on, lockstep: wait until the evaluator recorded the last checkpoint
+        deadline = time.monotonic() + 120
+        while step - 1 not in _records.read_records(logdir):
+            assert time.monotonic() < deadline, f"no record of step {step - 1}"
+            time.sleep(0.02)
+    time.sleep(0.02)
+    with torch.no_grad():
+        model.clock += 1
+    return (model(torch.ones(1, 2)) ** 2).sum()
+op = learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.01), model=model)
+learning.train(op, logdir, number_of_steps=400, save_interval_steps=10, save_interval_secs=None,
+               saver=checkpoint.Saver(max_to_keep=2), watch=Watch("score", keep_best=1, patience=3),
+               progress_bar=False)
+print("stopped at", op.step)
+'''
+
+EVALUATOR = '''
+import sys, torch
+from model import make_model, Score
+from torchslim import evaluation
+logdir = sys.argv[1]
+model = make_model()
+evaluation.evaluation_loop(logdir, logdir + "/eval", model, [(torch.ones(1, 2), torch.zeros(1))],
+                           metrics={"score": Score(model)}, every_checkpoint=True, eval_interval_secs=0,
+                           timeout=0.2, timeout_fn=evaluation.stop_when_training_ends(logdir), record=True)
+'''
+
+
+def start(tmp_path, name, source, logdir):
+    import subprocess
+    import sys
+
+    (tmp_path / "model.py").write_text(MODEL)
+    (tmp_path / f"{name}.py").write_text(source)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    return subprocess.Popen([sys.executable, str(tmp_path / f"{name}.py"), str(logdir)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_an_evaluator_in_another_process_keeps_the_best_and_stops_the_trainer(tmp_path):
+    import signal
+
+    from conftest import wait_until
+
+    from torchslim._records import read_records
+
+    logdir = tmp_path / "run"
+    trainer = start(tmp_path, "trainer", TRAINER, logdir)
+    evaluator = None
+    try:
+        # The evaluator starts late: the trainer has written 10, 20, 30 and waits at 31 for a record of 30.
+        wait_until(lambda: checkpoint.latest_checkpoint(logdir) == checkpoint.checkpoint_path(logdir, 30),
+                   "the trainer's checkpoint at step 30")
+        assert trainer.poll() is None
+        evaluator = start(tmp_path, "evaluator", EVALUATOR, logdir)
+        wait_until(lambda: 40 in read_records(logdir), "a record of step 40", timeout=120)
+        evaluator.send_signal(signal.SIGKILL)  # killed mid-run, then restarted
+        evaluator.wait()
+        first = sorted(read_records(logdir))
+        assert first[:3] == [20, 30, 40]  # 10 was gone (max_to_keep=2, nothing recorded yet): skipped
+        evaluator = start(tmp_path, "evaluator", EVALUATOR, logdir)
+        out, err = trainer.communicate(timeout=180)
+        assert trainer.returncode == 0, err
+        _, evaluator_err = evaluator.communicate(timeout=120)
+        assert evaluator.returncode == 0, evaluator_err
+    finally:
+        for proc in (trainer, evaluator):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    stop = int(out.split("stopped at")[1])
+    assert 61 <= stop < 100  # patience 3: 40, 50 and 60 did not beat 30; the trainer stopped on that record
+    # The restarted evaluator went on at the first checkpoint it had not recorded.
+    assert "model.ckpt-40 (global step" not in evaluator_err and f"model.ckpt-{first[-1] + 10} (global step" in \
+        evaluator_err
+    records = read_records(logdir)
+    assert {20, 30, 40, 50, 60, stop} <= set(records) and records[30] == {"score": 0.0}
+    final = checkpoint.latest_checkpoint(logdir)
+    meta = checkpoint.read_metadata(final)
+    assert checkpoint.step_of(final) == stop and meta["final"]
+    assert "score did not improve" in meta["metadata"]["stop_reason"] and "global step 30" in \
+        meta["metadata"]["stop_reason"]
+    # Retention kept the best (30) besides the newest two, though its metric is only in the evaluator's records.
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(logdir)][0] == 30
+    assert checkpoint.best_checkpoint(logdir) == checkpoint.checkpoint_path(logdir, 30)
+
+
+def test_cli_eval_records_for_the_trainer_and_evaluates_the_best(tmp_path, capsys):
+    from torchslim import cli
+    from torchslim._records import read_records
+
+    factories = tmp_path / "factories.py"
+    factories.write_text("import torch\n"
+                         "def model():\n    return torch.nn.Linear(2, 2)\n"
+                         "def data():\n    return [(torch.eye(2), torch.tensor([0, 1]))]\n")
+    saver = checkpoint.Saver(max_to_keep=None)
+    for step, scale in ((1, 1.0), (2, -1.0)):  # step 1 is the identity (accuracy 1), step 2 its opposite (0)
+        saver.save({"model": {"weight": torch.eye(2) * scale, "bias": torch.zeros(2)}}, tmp_path, step,
+                   final=step == 2)
+    given = ["--model", f"{factories}:model", "--data", f"{factories}:data"]
+    assert cli.main(["eval", str(tmp_path), "--record", *given]) == 2
+    assert "--record goes with --watch" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path), "--watch", "--every-checkpoint", "--record", "--timeout", "0.1",
+                     *given]) == 0
+    assert read_records(tmp_path) == {1: {"accuracy": 1.0}, 2: {"accuracy": 0.0}}
+    capsys.readouterr()
+    assert checkpoint.best_checkpoint(tmp_path, "accuracy", "max") == checkpoint.checkpoint_path(tmp_path, 1)
+    assert cli.main(["eval", str(tmp_path), "--best", *given]) == 2  # no run watched a metric here: say so
+    assert "records a watched metric" in capsys.readouterr().err
+    saver.keeping_best(1, "accuracy").save({"model": {"weight": -torch.eye(2), "bias": torch.zeros(2)}},
+                                           tmp_path, 3)
+    assert cli.main(["eval", str(tmp_path), "--best", *given]) == 0
+    assert capsys.readouterr().out.startswith("global step 1: accuracy 1.0")

@@ -175,7 +175,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         "commits it, until the run's final checkpoint) and print the metrics; they are also written as "
         "summaries into LOGDIR/eval, beside the training curves in TensorBoard. The model and data default "
         "to the digits demo's; --model/--data name factories (MODULE:FACTORY) for others, evaluated for "
-        "accuracy over (inputs, labels) batches.",
+        "accuracy over (inputs, labels) batches. With --record, each checkpoint's metrics are also recorded in "
+        "LOGDIR/evaluations.json, where a trainer given a watch (learning.train(watch=Watch('accuracy', ...))) "
+        "reads them to keep its best checkpoints and to stop early.",
     )
     p.add_argument("logdir", metavar="LOGDIR")
     p.add_argument("--watch", action="store_true", help="keep evaluating new checkpoints until training ends")
@@ -184,6 +186,11 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                    help="with --watch: at most one evaluation per SECS (default: %(default)s)")
     p.add_argument("--timeout", type=float, metavar="SECS",
                    help="with --watch: also stop after SECS without a new checkpoint")
+    p.add_argument("--record", action="store_true",
+                   help="with --watch: record each checkpoint's metrics for the trainer (one recording evaluator "
+                   "per LOGDIR; a restarted one goes on at the first checkpoint it has not recorded)")
+    p.add_argument("--best", action="store_true",
+                   help="without --watch: evaluate the run's best checkpoint (by its watched metric), not the latest")
     p.add_argument("--model", metavar="MODULE:FACTORY", help="the model (default: the digits demo's CNN)")
     p.add_argument("--data", metavar="MODULE:FACTORY", help="the batches (default: the demo's held-out digits)")
 
@@ -196,6 +203,13 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
         if not args.watch and checkpoint.latest_checkpoint(args.logdir) is None:
             raise ValueError(f"LOGDIR {args.logdir!r} holds no checkpoint (use --watch to wait for one)")
+        if args.record and not args.watch:
+            raise ValueError("--record goes with --watch: it records each checkpoint evaluated for a live trainer")
+        if args.best and args.watch:
+            raise ValueError("--best evaluates one checkpoint, the best so far; it does not go with --watch")
+        target = checkpoint.best_checkpoint(args.logdir) if args.best else checkpoint.latest_checkpoint(args.logdir)
+        if target is None and not args.watch:
+            raise ValueError(f"no checkpoint in LOGDIR {args.logdir!r} has a value of the metric its run watched")
         if args.model and not args.data:
             raise ValueError(f"--model {args.model} needs --data MODULE:FACTORY, its held-out batches: the default data "
                              "are the digits demo's, for the demo's model only")
@@ -223,7 +237,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         writer = summaries.MultiWriter(summaries.default_writer(eval_dir), Printer())
         try:
             if not args.watch:
-                evaluation.evaluate_once(checkpoint.latest_checkpoint(args.logdir), eval_dir, model, data,
+                evaluation.evaluate_once(target, eval_dir, model, data,
                                          metrics=metrics, summary_writer=writer)
                 return 0
             finished = evaluation.stop_when_training_ends(args.logdir)
@@ -231,7 +245,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                 args.logdir, eval_dir, model, data, metrics=metrics, summary_writer=writer,
                 eval_interval_secs=args.interval, every_checkpoint=args.every_checkpoint,
                 timeout=2.0 if args.timeout is None else args.timeout,
-                timeout_fn=lambda: finished() or args.timeout is not None)
+                timeout_fn=lambda: finished() or args.timeout is not None, record=args.record)
             return 0
         finally:
             writer.close()

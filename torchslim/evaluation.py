@@ -7,8 +7,13 @@ does that for each new checkpoint that :func:`checkpoints_iterator` finds, and
 can run as a second process beside ``learning.train``: it only ever sees
 committed checkpoints, skips (with a warning) those the trainer's ``max_to_keep``
 deleted first, and with ``timeout_fn=stop_when_training_ends(dir)`` it stops
-once the trainer's final checkpoint has been evaluated. Training and evaluation
-never import each other; they meet only through checkpoint files.
+once the trainer's final checkpoint has been evaluated. With ``record=True`` it
+records each checkpoint's metrics in the checkpoint directory
+(``evaluations.json``, one writer, replaced atomically), where a trainer with a
+``learning.train(watch=...)`` reads them to keep the best checkpoints and to
+stop early; a restarted recording evaluator resumes at the first checkpoint it
+has not recorded. Training and evaluation never import each other; they meet
+only through files in the checkpoint directory.
 
 >>> import tempfile
 >>> model = torch.nn.Linear(2, 2)
@@ -37,12 +42,13 @@ from typing import Any
 import torch
 
 from torchslim import checkpoint, queues, summaries, variables
-from torchslim._checks import check_callable, check_directory, check_fits, check_positive_int, check_seconds
+from torchslim._checks import check_bool, check_callable, check_directory, check_fits, check_positive_int, check_seconds
 from torchslim._data import iterate
 from torchslim._evalrun import default_eval_fn, evaluating, model_device, run_pass
 from torchslim._logs import default_logging
 from torchslim._metrics import check_metrics
 from torchslim._prefetch import prefetch_depth
+from torchslim._records import RecordWriter
 from torchslim._types import DEFAULT
 from torchslim._watch import (
     DELETED,
@@ -346,7 +352,8 @@ def evaluation_loop(checkpoint_dir: str | os.PathLike, logdir: str | os.PathLike
                     num_evals: int | None = None, initial_op: Callable[[], Any] | None = None,
                     eval_op: Callable[[Any], Any] | None = None, final_op: Callable[[], Any] | None = None,
                     variables_to_restore: Any = None, summary_writer: Any = DEFAULT,
-                    hooks: Iterable[Any] | None = None, prefetch: bool | int | None = None) -> dict[str, float] | None:
+                    hooks: Iterable[Any] | None = None, prefetch: bool | int | None = None,
+                    record: bool = False) -> dict[str, float] | None:
     """Evaluate each new checkpoint in ``checkpoint_dir`` as :func:`evaluate_once` would.
 
     One summary writer stays open for all the evaluations (one event file),
@@ -364,6 +371,12 @@ def evaluation_loop(checkpoint_dir: str | os.PathLike, logdir: str | os.PathLike
         timeout, timeout_fn, every_checkpoint: as in :func:`checkpoints_iterator`;
             ``timeout_fn=stop_when_training_ends(checkpoint_dir)`` returns after the
             trainer's final checkpoint has been evaluated.
+        record: record each checkpoint's results in ``checkpoint_dir/evaluations.json``
+            for the trainer (``learning.train(watch=...)``): the best checkpoints are kept by
+            them and the run stops on them. One recording evaluator per directory (a second
+            raises ``ValueError``); checkpoints it recorded before are skipped, so a
+            restarted one goes on where it stopped (with ``every_checkpoint=True``, at the
+            first one it has not recorded).
 
     Returns:
         The last evaluation's results, or None if there was none.
@@ -378,24 +391,32 @@ def evaluation_loop(checkpoint_dir: str | os.PathLike, logdir: str | os.PathLike
                          "evaluation on; pass a re-iterable such as a DataLoader or a list")
     check_positive_int(max_number_of_evaluations, "max_number_of_evaluations", optional=True)
     check_seconds(eval_interval_secs, "eval_interval_secs")
-    with default_logging():
+    check_bool(record, "record")
+    with default_logging(), contextlib.ExitStack() as stack:
+        records = stack.enter_context(RecordWriter(checkpoint_dir)) if record else None
         return _evaluate_each(checkpoints_iterator(checkpoint_dir, eval_interval_secs, timeout, timeout_fn,
-                                                   every_checkpoint), config, logdir, max_number_of_evaluations)
+                                                   every_checkpoint), config, logdir, max_number_of_evaluations,
+                              records)
 
 
 def _evaluate_each(paths: Generator[str, None, None], config: EvalConfig, logdir: str | os.PathLike | None,
-                   max_number_of_evaluations: int | None) -> dict[str, float] | None:
-    """Evaluate each checkpoint ``paths`` yields, into one writer opened at the first."""
+                   max_number_of_evaluations: int | None, records: RecordWriter | None) -> dict[str, float] | None:
+    """Evaluate each checkpoint ``paths`` yields, into one writer opened at the first; record them if asked."""
     writer: Any = None
     owned, results, count = False, None, 0
     try:
         for path in paths:
+            if records is not None and records.recorded(checkpoint.step_of(path)):
+                log.info("Checkpoint %s was evaluated and recorded before; skipping it", path)
+                continue
             read = _read_or_skip(path)
             if read is None:
                 continue
             if writer is None:
                 writer, owned = config.open_writer(logdir)
             results = _evaluate(config, *read, writer)
+            if records is not None:
+                records.record(read[2], results)
             count += 1
             if max_number_of_evaluations is not None and count >= max_number_of_evaluations:
                 break
