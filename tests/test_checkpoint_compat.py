@@ -57,3 +57,15 @@ def test_a_format1_checkpoint_resumes_a_model_and_its_optimizer(tmp_path):
     opt.load_state_dict(state["optimizer"])
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], expected["optimizer"]["state"][0]["exp_avg"])
     assert checkpoint.latest_checkpoint(tmp_path) == os.fspath(path)
+
+
+def test_inspect_shows_the_format_and_the_checksum_kind(tmp_path, capsys):
+    from torchslim import cli
+
+    assert cli.main(["inspect", os.path.join(FIXTURES, "format1", "model.ckpt-3")]) == 0
+    out = capsys.readouterr().out
+    assert "format: torchslim.checkpoint/1 (version 1)" in out and "checksum: sha256 per file" in out
+    checkpoint.save(format1_state(), tmp_path / "model.ckpt-3")
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "format: torchslim.checkpoint/2 (version 2)" in out and "checksum: xxh3_64 per 64 MiB chunk" in out

@@ -58,7 +58,7 @@ def test_inspect_reports_a_bad_path_without_a_traceback(tmp_path, capsys):
     (["analyze", "torchslim.demo:make_model", "--input-shape", "1,3,8,8"],
      "cannot run on random inputs of --input-shape 1,3,8,8: RuntimeError"),
     (["eval", "{logdir}", "--model", "torchslim.demo:make_model"], "--model torchslim.demo:make_model needs --data"),
-    (["inspect", "{truncated}"], "cannot be read"),
+    (["inspect", "{truncated}"], "is corrupt: tensors.safetensors has 100 bytes"),
     (["eval", "{truncated}"], "is corrupt"),
 ])
 def test_every_command_reports_a_mistake_in_one_line_with_status_2(tmp_path, capsys, argv, message):

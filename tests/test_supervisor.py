@@ -195,13 +195,13 @@ KILL_DURING_SAVE = textwrap.dedent('''
     state = lambda step: {"w": torch.full((256, 256), float(step)), "global_step": step}
     saver.save(state(1), logdir, 1)
     saver.save(state(2), logdir, 2)
-    real_write, real_rename = checkpoint._write_durably, os.rename
+    from torchslim import _tensorfile
+    real_rename = os.rename
     if when == "mid-tensors":
-        def write(path, data):
-            with open(path, "wb") as f:
-                f.write(data[: len(data) // 2]); f.flush()
+        def write(fd, data):
+            os.write(fd, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint._write_durably = write
+        _tensorfile._write_all = write
     elif when == "before-rename":
         def rename(src, dst):
             if ".tmp-" in src:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from torchslim import checkpoint, summaries
+from torchslim import _checkpointdir, checkpoint, summaries
 from torchslim._trainop import StepResult, TrainOp
 from torchslim._types import DEFAULT, Policy
 
@@ -225,6 +225,24 @@ class ProgressBar(Service):
         self._bar.close()
 
 
+class LogdirHold(Service):
+    """The chief holds its logdir for the run: a second trainer on it refuses to start, naming the holder.
+
+    See ``_checkpointdir.LogdirLock``: released on any exit, ``kill -9`` included.
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str] | None, is_chief: bool) -> None:
+        self._lock = _checkpointdir.LogdirLock(os.fspath(logdir)) if logdir is not None and is_chief else None
+
+    def start(self) -> None:
+        if self._lock is not None:
+            self._lock.acquire()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+
 class Checkpoints(Service):
     """Saves the run's state on its policy, and a final checkpoint at the end (only the chief writes).
 
@@ -257,10 +275,25 @@ class Checkpoints(Service):
         self._due = (self._due[0], True)
 
     def after_step(self, step: int, result: StepResult) -> bool:
+        if self.saver is not None:
+            self.saver.check()  # an async save that failed since the last step: raise it here, naming it
         if self.due(step):
             self._requested = False
             self.save()
         return False
+
+    def wait(self) -> None:
+        """Wait for an async save in flight (raising its error)."""
+        if self.saver is not None:
+            self.saver.wait()
+
+    def close(self) -> None:
+        # After an error elsewhere: still let a save in flight commit, but never mask that error with its own.
+        if self.saver is not None:
+            try:
+                self.saver.wait()
+            except Exception as e:
+                log.error("%s", e)
 
     def save(self, final: bool = False, by_request: bool = False) -> None:
         """Commit a checkpoint at the current global step (chief only, when there is a logdir).
@@ -277,5 +310,7 @@ class Checkpoints(Service):
         self.last_saved_step = step
         if again:  # the run ended right after a periodic save: the same step, now marked final for evaluators
             log.info("Marked %s as the final checkpoint of the run", path)
+        elif self.saver.async_save and not final:
+            log.info("Saving %s in the background (the step waited %.3f s)", path, time.monotonic() - started)
         else:
             log.info("Saved %s in %.2f s", path, time.monotonic() - started)

@@ -2,18 +2,31 @@
 
 A checkpoint is a directory ``<logdir>/model.ckpt-<global step>`` holding
 
-* ``tensors.safetensors``: every tensor of the saved state, and
-* ``state.json``: everything else (numbers, strings, lists, dicts), the
-  structure that puts the tensors back in place, the global step, the
-  SHA-256 of the tensor file, and the caller's ``metadata`` (e.g. the
-  validation metrics measured on these weights).
+* ``tensors.safetensors``: every tensor of the saved state (safetensors'
+  layout, readable by ``safetensors.safe_open``), and
+* ``state.json``: the format version (``"format": "torchslim.checkpoint/2"``),
+  everything else of the state (numbers, strings, lists, dicts), the structure
+  that puts the tensors back in place, the global step, for each file its
+  size and checksums (xxh3-64 per 64 MiB chunk), and the caller's
+  ``metadata`` (e.g. the validation metrics measured on these weights).
 
 Nothing is ever unpickled on load. A checkpoint is written into a hidden
 temporary directory beside its final name, every file and the directory are
 fsynced, and only then is it renamed into place: the rename is the commit. A
 crash at any instant therefore leaves the previous committed checkpoint
 loadable, and ``latest_checkpoint`` only ever sees committed ones. A state
-holding NaN or Inf is refused before anything is written.
+holding NaN or Inf is refused before anything is committed.
+
+Saving writes each tensor from its own memory (no serialized copy of the
+state); ``Saver(async_save=True)`` copies the state into reused host buffers
+and writes it from a background thread while training goes on. Loading maps
+the file, verifies it, and copies each tensor once, straight into the live
+tensors given as ``into`` where shapes and dtypes match. A file that is not what
+``state.json`` says (truncated, forged header, bad offsets, a symbolic link,
+...) is refused with :class:`CorruptCheckpointError` naming the checkpoint and
+the reason; :func:`restore` (used by training, evaluation, warm starts and the
+CLI) then falls back to the checkpoint before it. Checkpoints of format 1
+(torchslim 0.1) still load.
 
 >>> import tempfile
 >>> logdir = tempfile.mkdtemp()
@@ -36,21 +49,20 @@ Keeping the best checkpoints by a metric, besides the newest ones:
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import safetensors.torch
 import torch
 
-from torchslim import _listing, _records
+from torchslim import _checkpointdir, _listing, _records, _statetree, _tensorfile
+from torchslim._asyncsave import AsyncWriter, Staging
 from torchslim._checks import check_bool, check_non_negative_int, check_positive
 from torchslim._types import NonFiniteError
 
@@ -66,6 +78,7 @@ __all__ = [
     "load",
     "read_metadata",
     "read_metrics",
+    "restore",
     "save",
     "step_of",
 ]
@@ -75,9 +88,10 @@ log = logging.getLogger("torchslim")
 CHECKPOINT_PREFIX = "model.ckpt"
 TENSOR_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
-FORMAT = "torchslim.checkpoint/1"
+FORMAT = "torchslim.checkpoint/2"
+FORMATS = ("torchslim.checkpoint/1", FORMAT)  # those this release reads
 _NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"-(\d+)$")
-_RESERVED = ("__tensor__", "__tuple__", "__items__")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain file in the checkpoint directory, never ../ or /
 
 
 class CorruptCheckpointError(ValueError):
@@ -121,82 +135,7 @@ def latest_checkpoint(logdir: str | os.PathLike) -> str | None:
     return checkpoints[-1] if checkpoints else None
 
 
-# ---------------------------------------------------------------- encoding
-
-
-def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], seen: dict) -> Any:
-    """Turn a nested state into JSON, moving tensors into ``tensors`` by a path-derived key."""
-    if isinstance(obj, torch.Tensor):
-        return {"__tensor__": _add_tensor(obj, "/".join(path) or "tensor", tensors, seen)}
-    if isinstance(obj, Mapping):
-        if all(isinstance(k, str) and k not in _RESERVED for k in obj):
-            return {k: _encode(v, path + [k], tensors, seen) for k, v in obj.items()}
-        return {"__items__": [[_encode(k, path, tensors, seen), _encode(v, path + [str(k)], tensors, seen)]
-                              for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, path + [str(i)], tensors, seen) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, path + [str(i)], tensors, seen) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(
-        f"cannot checkpoint {'/'.join(path) or 'the state'}: a {type(obj).__name__}. Checkpoints hold "
-        "tensors and JSON values (None, bool, int, float, str, list, tuple, dict) only"
-    )
-
-
-def _add_tensor(t: torch.Tensor, key: str, tensors: dict[str, torch.Tensor], seen: dict) -> str:
-    if t.is_sparse or t.layout != torch.strided:
-        raise TypeError(f"cannot checkpoint {key}: {t.layout} tensors are not supported; convert with .to_dense()")
-    t = t.detach()
-    # Tied weights appear twice in a state_dict: store them once, refer twice.
-    view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
-    if view in seen:
-        return seen[view]
-    while key in tensors:
-        key += "+"
-    shares_storage = any(v[0] == view[0] and v[5] == view[5] for v in seen) and t.numel() > 0
-    t = t.to("cpu")
-    tensors[key] = t.clone(memory_format=torch.contiguous_format) if shares_storage else t.contiguous()
-    seen[view] = key
-    return key
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        if "__items__" in obj:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    return obj
-
-
-def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k, t in tensors.items()
-            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
-
-
-# ---------------------------------------------------------------- files
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+# ---------------------------------------------------------------- writing
 
 
 def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int | None = None,
@@ -222,6 +161,8 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
     Raises:
         NonFiniteError: a tensor holds NaN or Inf (nothing is written).
         TypeError: the state holds something that is neither a tensor nor a JSON value.
+        OSError: the disk is full (ENOSPC: the message names the checkpoint and the space it needs),
+            or another error of the file system; nothing is committed.
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"`state` must be a dict, got {type(state).__name__}")
@@ -229,32 +170,10 @@ def save(state: Mapping[str, Any], path: str | os.PathLike, *, global_step: int 
     path = os.path.abspath(os.fspath(path))
     if global_step is None:
         global_step = step_of(path) if _NAME.match(os.path.basename(path)) else 0
-    tensors: dict[str, torch.Tensor] = {}
-    tree = _encode(state, [], tensors, {})
-    if require_finite and (bad := _nonfinite(tensors)):
+    tree, tensors = _statetree.encode(state)
+    if require_finite and (bad := _tensorfile.nonfinite(tensors)):
         raise NonFiniteError(f"refusing to checkpoint a state with NaN/Inf values in: {', '.join(bad)}")
-    data = safetensors.torch.save(tensors)
-    meta = {
-        "format": FORMAT,
-        "global_step": int(global_step),
-        "created": time.time(),
-        "final": bool(final),
-        "files": {TENSOR_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
-        "state": tree,
-    }
-    if metadata is not None:
-        meta["metadata"] = dict(metadata)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        _write_durably(os.path.join(tmp, TENSOR_FILE), data)
-        _write_durably(os.path.join(tmp, STATE_FILE), json.dumps(meta).encode())
-        _fsync_dir(tmp)
-        _commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write(path, tree, tensors, global_step=int(global_step), final=final, metadata=metadata)
     return path
 
 
@@ -269,64 +188,205 @@ def _check_metadata(metadata: Any) -> None:
         raise TypeError(f"`metadata` must hold JSON values only (None, bool, int, float, str, list, dict): {e}") from e
 
 
-def _commit(tmp: str, path: str) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first, then removed."""
-    parent = os.path.dirname(path)
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rename(path, os.path.join(old, "ckpt"))
-    os.rename(tmp, path)
-    _fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _write(path: str, tree: Any, tensors: Mapping[str, torch.Tensor], *, global_step: int, final: bool,
+           metadata: Mapping[str, Any] | None = None) -> None:
+    """Write the tensor file and ``state.json`` into a temporary directory, then commit it as ``path``."""
+    tmp = _checkpointdir.temporary(path)
+    try:
+        entry = _tensorfile.write(os.path.join(tmp, TENSOR_FILE), tensors)
+        meta = {"format": FORMAT, "global_step": global_step, "created": time.time(), "final": bool(final),
+                "files": {TENSOR_FILE: entry}, "state": tree}
+        if metadata is not None:
+            meta["metadata"] = dict(metadata)
+        _write_durably(os.path.join(tmp, STATE_FILE), json.dumps(meta).encode())
+        _checkpointdir.commit(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            needed = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(tree))
+            raise _checkpointdir.no_space_error(e, path, needed) from e
+        raise
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _corrupt(path: str, reason: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"checkpoint {path} is corrupt: {reason}")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``state.json`` of a checkpoint (no tensors are read).
+    """The parsed and checked ``state.json`` of a checkpoint (no tensors are read).
 
     Raises:
         ValueError: ``path`` is not a checkpoint.
-        CorruptCheckpointError: its ``state.json`` cannot be parsed.
+        CorruptCheckpointError: its ``state.json`` is not JSON, or not the metadata of a known format.
     """
     path = os.fspath(path)
     state_file = os.path.join(path, STATE_FILE)
     if not os.path.isfile(state_file):
         raise ValueError(f"{path!r} is not a torchslim checkpoint (no {STATE_FILE} in it)")
     try:
-        with open(state_file, "rb") as f:
+        fd = os.open(state_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _corrupt(path, f"{STATE_FILE} cannot be opened ({'a symbolic link' if os.path.islink(state_file) else e})"
+                       ) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
             meta = json.loads(f.read())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {STATE_FILE} is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {STATE_FILE} is not in format {FORMAT}")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _corrupt(path, f"{STATE_FILE} is not valid JSON ({str(e)[:200] or type(e).__name__})") from None
+    return _checked_metadata(path, meta)
+
+
+def _checked_metadata(path: str, meta: Any) -> dict[str, Any]:
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise _corrupt(path, f"{STATE_FILE} is not in a format this release reads ({', '.join(FORMATS)}): {got!r:.80}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _corrupt(path, f"{STATE_FILE} lists no tensor files (\"files\" is {files!r:.80})")
+    for name in files:
+        if not _FILE_NAME.match(name):
+            raise _corrupt(path, f"{STATE_FILE} names the file {name!r:.200}, which is not a plain file of the checkpoint")
+    for key, kind in (("global_step", int), ("created", (int, float)), ("final", bool)):
+        if key in meta and (not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool))):
+            raise _corrupt(path, f"{STATE_FILE}'s {key} is {meta[key]!r:.80}")
+    if "state" not in meta or "global_step" not in meta:
+        raise _corrupt(path, f"{STATE_FILE} lacks the {'state' if 'state' not in meta else 'global_step'}")
     return meta
 
 
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint back into the nested state that was saved, after checking its checksum.
+def _open_files(path: str, meta: dict[str, Any]) -> dict[str, _tensorfile.TensorFile]:
+    """Every tensor file of the checkpoint, checked and verified: tensor key -> its file."""
+    opened: list[_tensorfile.TensorFile] = []
+    index: dict[str, _tensorfile.TensorFile] = {}
+    try:
+        for name, expected in meta["files"].items():
+            try:
+                f = _tensorfile.TensorFile(os.path.join(path, name), expected)
+                opened.append(f)
+                f.verify()
+            except _tensorfile.BadFile as e:
+                raise _corrupt(path, f"{name} {e}") from None
+            for key in f.entries:
+                if key in index:
+                    raise _corrupt(path, f"tensor {key!r} is in two files")
+                index[key] = f
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
+    return index
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", into: Any = None) -> dict[str, Any]:
+    """Read a checkpoint back into the nested state that was saved, after checking every file.
+
+    Args:
+        path: a checkpoint directory (see :func:`restore` for a logdir).
+        map_location: where tensors not loaded ``into`` live tensors are put.
+        into: a state of the same structure holding live tensors (e.g. a train
+            op's ``state_dict()``): each saved tensor whose place, shape and dtype
+            match one there is copied straight into it (and the returned state
+            holds that live tensor), with no other copy made. Nothing is written
+            into them unless the whole checkpoint checks out.
 
     Raises:
         ValueError: ``path`` is not a checkpoint.
-        CorruptCheckpointError: a file is missing, truncated, or fails its checksum.
+        CorruptCheckpointError: a file is missing, truncated, malformed, or fails its checksum.
     """
     path = os.fspath(path)
     meta = read_metadata(path)
-    expected = meta["files"][TENSOR_FILE]
+    index = _open_files(path, meta)
     try:
-        with open(os.path.join(path, TENSOR_FILE), "rb") as f:
-            data = f.read()
-    except FileNotFoundError as e:
-        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {TENSOR_FILE} is missing") from e
-    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise CorruptCheckpointError(
-            f"checkpoint {path} is corrupt: {TENSOR_FILE} has {len(data)} bytes and does not match "
-            f"the checksum recorded when it was written ({expected['bytes']} bytes)"
-        )
-    tensors = safetensors.torch.load(data)
-    if str(map_location) != "cpu":
-        tensors = {k: v.to(map_location) for k, v in tensors.items()}
-    return _decode(meta["state"], tensors)
+        def check(key: str, where: str) -> torch.Tensor:
+            if key not in index:
+                raise _corrupt(path, f"the state refers to tensor {key!r} (at {where or 'the top'}), which no file holds")
+            return torch.empty(0)
+
+        try:
+            _statetree.decode(meta["state"], check)  # refuse a bad tree before writing into anything
+        except ValueError as e:
+            if isinstance(e, CorruptCheckpointError):
+                raise
+            raise _corrupt(path, f"{STATE_FILE}: {e}") from None
+        live = _statetree.tensor_paths(into) if into is not None else {}
+        done: dict[tuple[str, int], torch.Tensor] = {}
+
+        def tensor(key: str, where: str) -> torch.Tensor:
+            view = index[key].view(key)
+            target = live.get(where)
+            if target is not None and target.shape == view.shape and target.dtype == view.dtype:
+                with torch.no_grad():
+                    target.copy_(view)
+                return target
+            if (key, 0) not in done:  # a tensor referred to twice (tied weights) stays one tensor
+                done[(key, 0)] = torch.empty(view.shape, dtype=view.dtype, device=map_location).copy_(view)
+            return done[(key, 0)]
+
+        return _statetree.decode(meta["state"], tensor)
+    finally:
+        for f in set(index.values()):
+            f.close()
+
+
+# ---------------------------------------------------------------- the checkpoint to use
+
+
+def restore(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", into: Any = None,
+            check: Callable[[str, dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to use for ``path``, loaded: ``(its path, its state)``.
+
+    One policy for training, evaluation, warm starts and the CLI:
+
+    * ``path`` is a checkpoint: load it; a corrupt one raises.
+    * ``path`` is a logdir: its newest committed checkpoint that reads back; a
+      corrupt one is named in a warning and the one before it is tried.
+      ``None`` when it holds no checkpoint; ``CorruptCheckpointError`` when it
+      holds some and none reads back.
+
+    Args:
+        map_location, into: as for :func:`load`.
+        check: ``check(path, state)`` raises ``CorruptCheckpointError`` for a
+            state that reads back but is not what the caller saved (e.g. its
+            ``model`` is not a dict of tensors); that checkpoint is then passed over too.
+
+    Raises:
+        ValueError: ``path`` does not exist.
+        CorruptCheckpointError: as above.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        state = load(path, map_location=map_location, into=into)
+        if check is not None:
+            check(path, state)
+        return path, state
+    if not os.path.isdir(path):
+        raise ValueError(f"no checkpoint or logdir at {path!r}")
+    candidates = list_checkpoints(path)
+    for i, candidate in enumerate(reversed(candidates)):
+        try:
+            state = load(candidate, map_location=map_location, into=into)
+            if check is not None:
+                check(candidate, state)
+            return candidate, state
+        except CorruptCheckpointError as e:
+            if i + 1 < len(candidates):
+                log.warning("%s; falling back to the checkpoint before it", e)
+            elif len(candidates) > 1:
+                raise CorruptCheckpointError(f"{e}; it is the oldest of the {len(candidates)} checkpoints in {path}, "
+                                             "and none of them reads back") from None
+            else:
+                raise
+    return None
 
 
 # ---------------------------------------------------------------- the saver
@@ -347,15 +407,24 @@ class Saver:
             the other rules keep them. Ties go to the earlier step.
         metric: the metric ``keep_best`` ranks by, e.g. ``"accuracy"``.
         mode: ``"max"`` (higher is better) or ``"min"`` (lower is better).
+        async_save: a periodic :meth:`save` copies the state into host buffers
+            (allocated once, pinned for CUDA tensors) and returns; a background
+            thread checks, writes, fsyncs and commits it. At most one save is in
+            flight: a save due while one is, waits for it (the wait is logged and
+            counted in ``waits`` / ``waited_secs``). A failure is raised by the next
+            :meth:`save`, :meth:`check` or :meth:`wait`, naming the checkpoint. A
+            ``final`` save is written before :meth:`save` returns. Off by default:
+            the buffers hold a second copy of the state in host memory.
     """
 
     def __init__(self, max_to_keep: int | None = 5, keep_checkpoint_every_n_hours: float | None = None,
                  require_finite: bool = True, *, keep_best: int = 0, metric: str | None = None,
-                 mode: str = "max") -> None:
+                 mode: str = "max", async_save: bool = False) -> None:
         check_non_negative_int(max_to_keep, "max_to_keep", optional=True)
         check_positive(keep_checkpoint_every_n_hours, "keep_checkpoint_every_n_hours", optional=True)
         check_bool(require_finite, "require_finite")
         check_non_negative_int(keep_best, "keep_best")
+        check_bool(async_save, "async_save")
         if metric is not None and not (isinstance(metric, str) and metric):
             raise TypeError(f"`metric` must be a metric's name (a non-empty str) or None, got {metric!r}")
         if keep_best and metric is None:
@@ -365,16 +434,29 @@ class Saver:
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.require_finite = require_finite
         self.keep_best, self.metric, self.mode = keep_best, metric, _records.check_mode(mode)
+        self.async_save = async_save
         self._created = time.time()
         self._preserved: dict[str, set[str]] = {}
         self._metrics: dict[str, dict[str, float]] = {}  # each checkpoint's metadata metrics, read once
+        self._writer = AsyncWriter()
+        self._staging = Staging()
 
     def keeping_best(self, keep_best: int, metric: str, mode: str = "max") -> Saver:
         """A saver with this one's settings that also keeps the best ``keep_best`` by ``metric`` (in ``mode``)."""
         saver = Saver(self.max_to_keep, self.keep_checkpoint_every_n_hours, self.require_finite,
-                      keep_best=keep_best, metric=metric, mode=mode)
+                      keep_best=keep_best, metric=metric, mode=mode, async_save=self.async_save)
         saver._created = self._created
         return saver
+
+    @property
+    def waits(self) -> int:
+        """How many saves waited for an async save still in flight."""
+        return self._writer.waits
+
+    @property
+    def waited_secs(self) -> float:
+        """The seconds those waits took in all."""
+        return self._writer.waited_secs
 
     def save(self, state: Mapping[str, Any], logdir: str | os.PathLike, global_step: int, *,
              final: bool = False, metadata: Mapping[str, Any] | None = None) -> str:
@@ -382,23 +464,52 @@ class Saver:
 
         ``final`` and ``metadata``: see :func:`save`. A saver with a ``metric`` adds
         ``"watch": {"metric", "mode"}`` to the metadata, for :func:`best_checkpoint`.
+        With ``async_save`` (and not ``final``), the commit happens in the background: see the class.
         """
         logdir = os.path.abspath(os.fspath(logdir))
+        path = checkpoint_path(logdir, global_step)
+        self._writer.wait(path)  # one save in flight at most; raises a failed one's error
         preserved = self._preserved_in(logdir)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`state` must be a dict, got {type(state).__name__}")
+        _check_metadata(metadata)
         if self.metric is not None and not (metadata or {}).get("watch"):  # for best_checkpoint(logdir)
             metadata = {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
-        path = save(state, checkpoint_path(logdir, global_step), global_step=global_step,
-                    require_finite=self.require_finite, final=final, metadata=metadata)
-        self._metrics[path] = _metadata_metrics(metadata)
-        self._retire_old(logdir, preserved)
+        tree, tensors = _statetree.encode(state)
+        if not self.async_save or final:
+            self._check_finite(tensors)
+            _write(path, tree, tensors, global_step=int(global_step), final=final, metadata=metadata)
+            self._metrics[path] = _metadata_metrics(metadata)
+            self._retire_old(logdir, preserved)
+            return path
+        staged = self._staging.copy(tensors)
+        metadata = json.loads(json.dumps(metadata))  # a copy, as the tree is: the run goes on changing its own
+
+        def write() -> None:
+            self._check_finite(staged)
+            _write(path, tree, staged, global_step=int(global_step), final=False, metadata=metadata)
+            self._metrics[path] = _metadata_metrics(metadata)
+            self._retire_old(logdir, preserved)
+
+        self._writer.submit(path, write)
         return path
+
+    def _check_finite(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self.require_finite and (bad := _tensorfile.nonfinite(tensors)):
+            raise NonFiniteError(f"refusing to checkpoint a state with NaN/Inf values in: {', '.join(bad)}")
+
+    def check(self) -> None:
+        """Raise the error of an async save that failed (naming its checkpoint); never waits."""
+        self._writer.check()
+
+    def wait(self) -> None:
+        """Wait for an async save in flight, then raise its error if it failed."""
+        self._writer.wait(None)
 
     def _preserved_in(self, logdir: str) -> set[str]:
         """On first use of a logdir: clear crash leftovers and adopt old checkpoints kept for good."""
         if logdir not in self._preserved:
-            for name in os.listdir(logdir) if os.path.isdir(logdir) else []:
-                if name.startswith(f".{CHECKPOINT_PREFIX}-"):
-                    shutil.rmtree(os.path.join(logdir, name), ignore_errors=True)
+            _checkpointdir.remove_leftovers(logdir, CHECKPOINT_PREFIX)
             existing = list_checkpoints(logdir)
             window = self.max_to_keep or len(existing)
             self._preserved[logdir] = set(existing[: max(0, len(existing) - window)])
@@ -419,7 +530,7 @@ class Saver:
                 preserved.add(path)
                 anchor = created
                 continue
-            _remove(path)
+            _checkpointdir.remove(path)
 
     def _best(self, logdir: str, checkpoints: list[str]) -> set[str]:
         """The best ``keep_best`` of ``checkpoints`` (all of ``logdir``'s) by the metric."""
@@ -436,29 +547,19 @@ class Saver:
         except (ValueError, KeyError):
             return 0.0
 
-    def restore_latest(self, logdir: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+    def restore_latest(self, logdir: str | os.PathLike, *, map_location: str | torch.device = "cpu", into: Any = None,
+                       check: Callable[[str, dict[str, Any]], None] | None = None
                        ) -> tuple[str, dict[str, Any]] | None:
         """Load the newest readable checkpoint in ``logdir``: ``(path, state)``, or ``None`` if there is none.
 
-        A corrupt checkpoint is reported by name in a warning and the one before it is tried.
+        A corrupt checkpoint is reported by name in a warning and the one before it is
+        tried (see :func:`restore`, which this is for a logdir).
         """
-        for path in reversed(list_checkpoints(logdir)):
-            try:
-                return path, load(path, map_location=map_location)
-            except CorruptCheckpointError as e:
-                log.warning("%s; falling back to the checkpoint before it", e)
-        return None
-
-
-def _remove(path: str) -> None:
-    """Delete a checkpoint so that it is never seen half-deleted: rename it out of view first."""
-    parent, name = os.path.split(path)
-    trash = tempfile.mkdtemp(prefix=f".{name}.del-", dir=parent)
-    try:
-        os.rename(path, os.path.join(trash, name))
-    except FileNotFoundError:
-        pass
-    shutil.rmtree(trash, ignore_errors=True)
+        if not os.path.isdir(logdir):
+            return None
+        if os.path.isfile(os.path.join(logdir, STATE_FILE)):
+            raise ValueError(f"`logdir` {os.fspath(logdir)!r} is a checkpoint, not a logdir holding checkpoints")
+        return restore(logdir, map_location=map_location, into=into, check=check)
 
 
 # ---------------------------------------------------------------- metrics
@@ -548,26 +649,47 @@ def best_checkpoint(logdir: str | os.PathLike, metric: str | None = None, mode: 
 
 
 def describe(path: str | os.PathLike, *, show_all: bool = False) -> str:
-    """A human-readable listing of a checkpoint: metadata, the model's tensors with their total, then values.
+    """A human-readable listing of a checkpoint: metadata, format and checksums, model tensors with their total, values.
 
-    ``path`` may also be a logdir, in which case its latest checkpoint is described.
-    Names sort naturally (``layer/3`` before ``layer/11``). Optimizer state, RNG
-    states and the data position are folded into one line per group unless
-    ``show_all``.
+    ``path`` may also be a logdir, in which case its newest checkpoint whose
+    files check out is described. Names sort naturally (``layer/3`` before
+    ``layer/11``). Optimizer state, RNG states and the data position are folded
+    into one line per group unless ``show_all``. Checksums are not verified here
+    (``load`` does).
     """
     path = os.fspath(path)
     check_bool(show_all, "show_all")
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint or logdir at {path!r}")
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"{path!r} is neither a torchslim checkpoint nor a logdir holding one")
-        path = latest
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return _describe(path, show_all)
+    candidates = list_checkpoints(path)
+    if not candidates:
+        raise ValueError(f"{path!r} is neither a torchslim checkpoint nor a logdir holding one")
+    for candidate in reversed(candidates[1:]):
+        try:
+            return _describe(candidate, show_all)
+        except CorruptCheckpointError as e:
+            log.warning("%s; describing the checkpoint before it", e)
+    return _describe(candidates[0], show_all)
+
+
+def _describe(path: str, show_all: bool) -> str:
     meta = read_metadata(path)
-    with safetensors.safe_open(os.path.join(path, TENSOR_FILE), framework="pt") as f:
-        tensors = [(name, f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()]
-    lines = [_listing.render(path, meta, tensors, show_all=show_all)]
+    meta.setdefault("created", 0)
+    files = meta["files"]
+    tensors: list[tuple[str, str, list[int]]] = []
+    for name, expected in files.items():
+        try:
+            f = _tensorfile.TensorFile(os.path.join(path, name), expected)
+        except _tensorfile.BadFile as e:
+            raise _corrupt(path, f"{name} {e}") from None
+        tensors += [(key, _tensorfile.DTYPES[dtype], shape) for key, (dtype, shape, _, _) in f.entries.items()]
+        f.close()
+    lines = _listing.render(path, meta, tensors, show_all=show_all).split("\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith("format: ")) + 1
+    lines[at - 1] += f" (version {meta['format'].rsplit('/', 1)[-1]})"
+    lines[at:at] = [f"checksum: {_checksum_kind(files)}", f"files: {', '.join(f'{n} ({_bytes(files[n])})' for n in files)}"]
     if meta.get("metadata"):
         lines.append("metadata:")
         lines += [f"  {k} = {v}" for k, v in _listing._leaves(meta["metadata"], "")]
@@ -576,3 +698,15 @@ def describe(path: str | os.PathLike, *, show_all: bool = False) -> str:
         lines.append("metrics recorded by an evaluator:")
         lines += [f"  {k} = {v:.6g}" for k, v in recorded.items()]
     return "\n".join(lines)
+
+
+def _checksum_kind(files: dict[str, Any]) -> str:
+    entries = [e for e in files.values() if isinstance(e, dict)]
+    kinds = sorted({"sha256" if "sha256" in e else str(e.get("checksum")) for e in entries})
+    chunked = [e["chunk_bytes"] for e in entries if isinstance(e.get("chunk_bytes"), int)]
+    return ", ".join(kinds) + (f" per {chunked[0] >> 20} MiB chunk" if chunked else " per file")
+
+
+def _bytes(entry: Any) -> str:
+    n = entry.get("bytes", 0) if isinstance(entry, dict) else 0
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"

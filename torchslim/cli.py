@@ -87,23 +87,19 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         "inspect",
         help="print a checkpoint's tensors and metadata",
         description="Print the tensors (name, dtype, shape) and the metadata of a "
-        "torchslim checkpoint. PATH is a checkpoint, or a logdir (its latest checkpoint). The model's "
-        "tensors are listed with their total; optimizer state, RNG states and the data position are "
-        "folded into one line per group unless --all.",
+        "torchslim checkpoint, its format and checksum kind. PATH is a checkpoint, or a logdir (its latest "
+        "checkpoint that reads back). The model's tensors are listed with their total; optimizer state, RNG "
+        "states and the data position are folded into one line per group unless --all.",
     )
     p.add_argument("path")
     p.add_argument("--all", action="store_true", dest="show_all",
                    help="list every tensor and value, the optimizer's and RNG states' too")
 
     def run(args: argparse.Namespace) -> int:
-        import safetensors
-
         from torchslim import checkpoint
 
-        try:
-            print(checkpoint.describe(args.path, show_all=args.show_all))
-        except safetensors.SafetensorError as e:  # a truncated or garbled tensor file
-            raise checkpoint.CorruptCheckpointError(f"checkpoint {args.path} cannot be read: {e}") from e
+        # A corrupt file: CorruptCheckpointError, one line from main().
+        print(checkpoint.describe(args.path, show_all=args.show_all))
         return 0
 
     p.set_defaults(run=run)
@@ -207,7 +203,8 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
             raise ValueError("--record goes with --watch: it records each checkpoint evaluated for a live trainer")
         if args.best and args.watch:
             raise ValueError("--best evaluates one checkpoint, the best so far; it does not go with --watch")
-        target = checkpoint.best_checkpoint(args.logdir) if args.best else checkpoint.latest_checkpoint(args.logdir)
+        # A logdir: evaluate_once takes its newest checkpoint that reads back (checkpoint.restore's fallback).
+        target = checkpoint.best_checkpoint(args.logdir) if args.best else args.logdir
         if target is None and not args.watch:
             raise ValueError(f"no checkpoint in LOGDIR {args.logdir!r} has a value of the metric its run watched")
         if args.model and not args.data:

@@ -205,13 +205,14 @@ def _read_checkpoint(path: str | os.PathLike | None) -> tuple[str, dict[str, tor
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"`checkpoint_path` {path!r} does not exist")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, checkpoint.STATE_FILE)):
-        latest = checkpoint.latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"`checkpoint_path` {path!r} is neither a torchslim checkpoint nor a logdir holding one")
-        path = latest
+    try:
+        path, values = variables.checkpoint_variables(path)  # a logdir: the checkpoint checkpoint.restore picks
+    except ValueError as e:
+        if isinstance(e, checkpoint.CorruptCheckpointError):
+            raise
+        raise ValueError(f"`checkpoint_path` {path!r}: {e}") from None
     step = int(checkpoint.read_metadata(path)["global_step"]) if os.path.isdir(path) else 0
-    return path, variables.load_variables(path), step
+    return path, values, step
 
 
 @contextlib.contextmanager

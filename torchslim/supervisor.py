@@ -27,9 +27,11 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from torchslim import checkpoint, distributed, queues, validation
 from torchslim._data import DataStream, capture_rng
-from torchslim._services import Checkpoints, ProgressBar, Service, Signals, Summaries, Trace
+from torchslim._services import Checkpoints, LogdirHold, ProgressBar, Service, Signals, Summaries, Trace
 from torchslim._trainconfig import TrainConfig
 from torchslim._trainop import StepResult, TrainOp
 from torchslim._types import DEFAULT
@@ -78,6 +80,7 @@ class Supervisor:
         with contextlib.ExitStack() as stack:
             self._stack = stack
             self._open(self.signals)  # first: Ctrl-C stays ours until everything else is closed
+            self._open(LogdirHold(self.config.logdir, self.is_chief))  # before anything is written into it
             self._open(self.engine)
             self._open(self.summaries)
             self._open(Trace(self.config.trace_policy(), self.config.logdir, self.is_chief))
@@ -131,7 +134,9 @@ class Supervisor:
     def _find_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
         if self.config.logdir is None:
             return None
-        return (self.config.saver or checkpoint.Saver()).restore_latest(self.config.logdir)
+        # Tensors go straight into the live model (and optimizer state, if it has any yet) where they fit.
+        return (self.config.saver or checkpoint.Saver()).restore_latest(
+            self.config.logdir, into=self.train_op.state_dict(), check=_check_run_state)
 
     # ------------------------------------------------------------ each step
 
@@ -230,4 +235,16 @@ class Supervisor:
             self.checkpoints.save(final=ended_normally, by_request=not ended_normally)
         else:
             self.train_op.flush_numerics_check()
+        self.checkpoints.wait()  # an async save still in flight is committed before train() returns
 
+
+
+def _check_run_state(path: str, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint that reads back but is not a run's state (then the one before it is tried)."""
+    model, optimizer = state.get("model"), state.get("optimizer")
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise checkpoint.CorruptCheckpointError(f"checkpoint {path} is corrupt: its model is not a dict of tensors")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list):
+        raise checkpoint.CorruptCheckpointError(f"checkpoint {path} is corrupt: its optimizer is not an optimizer's "
+                                                "state_dict (a dict with state and param_groups)")

@@ -115,23 +115,35 @@ def get_variables_to_restore(model: torch.nn.Module, include: Iterable[str] | No
 def load_variables(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read named tensors from a torchslim checkpoint or logdir, a safetensors file or a state_dict file.
 
+    A logdir means the checkpoint :func:`torchslim.checkpoint.restore` picks: its
+    newest readable one (a corrupt newest one is passed over with a warning).
+
     Raises:
         ValueError: nothing readable is at ``path``.
+        CorruptCheckpointError: ``path`` is a checkpoint that does not read back, or a logdir none of whose do.
     """
+    return checkpoint_variables(path)[1]
+
+
+def checkpoint_variables(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(the file or checkpoint read, its named tensors)``, as :func:`load_variables`."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        ckpt = path if os.path.isfile(os.path.join(path, checkpoint.STATE_FILE)) else checkpoint.latest_checkpoint(path)
-        if ckpt is None:
+        found = checkpoint.restore(path)
+        if found is None:
             raise ValueError(f"{path!r} is neither a torchslim checkpoint nor a logdir holding one")
-        state = checkpoint.load(ckpt)
+        path, state = found
         tensors = state.get("model", state)
+        if not isinstance(tensors, Mapping):
+            raise checkpoint.CorruptCheckpointError(f"checkpoint {path} holds no dict of tensors (its model is a "
+                                                    f"{type(tensors).__name__})")
     elif not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path!r}")
     elif path.endswith(".safetensors"):
         tensors = safetensors.torch.load_file(path)
     else:
         tensors = _load_state_dict_file(path)
-    return {canonical_name(k): v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    return path, {canonical_name(k): v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
 
 def _load_state_dict_file(path: str) -> Mapping[str, Any]:
