@@ -1,17 +1,19 @@
 """The main job: a small CNN on scikit-learn's bundled 8x8 digits, trained as a supervised run.
 
 ``torchslim demo`` (or ``python -m torchslim demo``) trains with a fixed
-train/held-out split, checkpoints into ``runs/digits``, and prints the held-out
-accuracy, measured by ``evaluation.evaluate_once`` on each checkpoint it wrote;
-those summaries go to ``runs/digits/eval``, so TensorBoard shows them as run
-``eval`` beside the training curves, under the same tags. Run it again and it continues
-from its latest checkpoint; give it a larger ``--steps`` to train further. It is
-written the way a user would write their own script, with the public API only.
+train/held-out split, checkpoints into ``runs/digits``, evaluates the held-out
+digits at each checkpoint as it is saved (``validation.Validation``), keeps the
+best checkpoint by held-out accuracy beside the newest (``validation.Watch``),
+and prints the final and the best accuracy and the step of the best. The
+evaluations go to ``runs/digits/eval``, so TensorBoard shows them as run
+``eval`` beside the training curves, under the same tags. Run it again and it
+continues from its latest checkpoint; give it a larger ``--steps`` to train
+further. It is written the way a user would write their own script, with the
+public API only.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -21,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchslim import checkpoint, evaluation, learning, losses, summaries
+from torchslim.validation import Validation, Watch
 
 HELD_OUT = 360  # of the 1797 digits; the split is fixed, whatever the seed
 LABEL_SMOOTHING = 0.05
@@ -72,9 +75,9 @@ def main(logdir: str = "runs/digits", number_of_steps: int = 1500, seed: int = 0
 
     Every 25 steps it writes summaries (total loss, the loss by name, learning
     rate, steps per second, a histogram of each weight); every 250 steps a
-    checkpoint; afterwards each checkpoint not yet evaluated is evaluated on the
-    held-out digits into ``<logdir>/eval``, so TensorBoard shows the curves and
-    the held-out accuracy over the run.
+    checkpoint, whose weights are evaluated on the held-out digits as it is saved
+    (into ``<logdir>/eval`` and the checkpoint's metadata). The newest 3 and the
+    best by held-out accuracy are kept.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(seed)
@@ -94,38 +97,26 @@ def main(logdir: str = "runs/digits", number_of_steps: int = 1500, seed: int = 0
     summaries.add_histogram_summaries(model.parameters())
     started = time.monotonic()
     loss = learning.train(train_op, logdir, loader, number_of_steps=number_of_steps, log_every_n_steps=250,
-                          save_summaries_steps=25, save_interval_steps=250, saver=checkpoint.Saver(max_to_keep=20))
-    results = evaluate_new_checkpoints(logdir, model)
-    held_out_accuracy = results[train_op.step]  # the final checkpoint is at the step training reached
+                          save_summaries_steps=25, save_interval_steps=250, saver=checkpoint.Saver(max_to_keep=3),
+                          validation=Validation(held_out_data(), eval_metrics(), at_checkpoints=True),
+                          watch=Watch("accuracy", mode="max", keep_best=1))
+    held_out_accuracy = final_accuracy(logdir, model, train_op.step)
+    best = checkpoint.best_checkpoint(logdir)
+    best_text = "" if best is None else (f"; best: global step {checkpoint.step_of(best)}, "
+                                         f"{checkpoint.read_metrics(logdir)[checkpoint.step_of(best)]['accuracy']:.2%}"
+                                         f" ({best})")
     shown = "nothing left to train" if loss is None else f"final loss {loss:.4f}"
     print(f"global step {train_op.step}: {shown}; held-out accuracy {held_out_accuracy:.2%} "
-          f"({len(held_out)} digits), {time.monotonic() - started:.1f} s; checkpoints in {logdir}")
+          f"({len(held_out)} digits), {time.monotonic() - started:.1f} s{best_text}")
     return held_out_accuracy
 
 
-def evaluate_new_checkpoints(logdir: str, model: nn.Module) -> dict[int, float]:
-    """Evaluate each checkpoint in ``logdir`` not evaluated before, in order, into ``<logdir>/eval``.
-
-    Returns the held-out accuracy of every checkpoint evaluated, now or before, by global step.
-    """
+def final_accuracy(logdir: str, model: nn.Module, step: int) -> float:
+    """The held-out accuracy of the checkpoint at ``step``: measured when it was saved, or now (an older run's)."""
+    measured = checkpoint.read_metrics(logdir).get(step, {})
+    if "accuracy" in measured:
+        return measured["accuracy"]
     eval_dir = os.path.join(logdir, "eval")
-    done = _accuracies(os.path.join(eval_dir, "metrics.jsonl"))
-    pending = [p for p in checkpoint.list_checkpoints(logdir) if checkpoint.step_of(p) not in done]
-    if pending:
-        writer, data = summaries.default_writer(eval_dir), held_out_data()
-        try:
-            for path in pending:
-                results = evaluation.evaluate_once(path, eval_dir, model, data, metrics=eval_metrics(),
-                                                   summary_writer=writer)
-                done[checkpoint.step_of(path)] = results["accuracy"]
-        finally:
-            writer.close()
-    return done
-
-
-def _accuracies(metrics_file: str) -> dict[int, float]:
-    if not os.path.exists(metrics_file):
-        return {}
-    with open(metrics_file, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return {r["step"]: r["value"] for r in records if r["tag"] == "accuracy"}
+    results = evaluation.evaluate_once(checkpoint.checkpoint_path(logdir, step), eval_dir, model, held_out_data(),
+                                       metrics=eval_metrics())
+    return results["accuracy"]
