@@ -22,7 +22,7 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 # One script for every multi-process test. argv: logdir target batch_size [options as KEY=VALUE]
 SCRIPT = textwrap.dedent('''
-    import os, sys, time
+    import json, os, sys, time
     import torch
     from torch.utils.data import DataLoader, TensorDataset
     from safetensors.torch import save_file
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     inputs, labels = torch.randn(512, 8, generator=g), torch.randint(0, 3, (512,), generator=g)
     own = torch.Generator().manual_seed(7) if "generator" in opts else None  # the loader's own shuffle generator
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle="shuffle" in opts, generator=own)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, int(opts.get("classes", 3))))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
 
@@ -52,14 +52,28 @@ SCRIPT = textwrap.dedent('''
             time.sleep(float(opts["slow"]))
         x, y = batch
         losses.sparse_softmax_cross_entropy(model(x), y)
-        return losses.get_total_loss()
+        total = losses.get_total_loss()
+        seen.append(total.item())
+        return total
+
+    seen = []
 
     op = learning.create_train_op(total_loss, optimizer)
     op.accumulate_steps = int(opts.get("accumulate", 1))
     kwargs = {k: int(opts[k]) for k in ("rank", "world_size") if k in opts}
+    if "fsdp" in opts:
+        kwargs["sharding"] = "fsdp"
     learning.train(op, logdir, loader, number_of_steps=target, save_interval_steps=int(opts.get("save_every", 10)),
                    save_summaries_steps=5, master=opts.get("master"), progress_bar=False, **kwargs)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{logdir}.rank{rank}.safetensors")
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: what this process holds
+    held = {"losses": seen, "params_full": sum(p.numel() for p in model.parameters()),
+            "params_local": sum(local(p).numel() for p in model.parameters()),
+            "optimizer_local": sum(local(t).numel() for s in optimizer.state.values() for t in s.values()
+                                   if isinstance(t, torch.Tensor) and t.ndim > 0)}
+    with open(f"{logdir}.rank{rank}.json", "w") as f:
+        json.dump(held, f)
+    if "fsdp" not in opts:  # a sharded model's weights are in its final checkpoint
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{logdir}.rank{rank}.safetensors")
     print(f"rank {rank} done at step {op.step}", flush=True)
 ''')
 
@@ -186,6 +200,67 @@ def test_two_nodes_with_a_logdir_each_resume_from_the_chief_s_checkpoint_by_broa
         assert torch.equal(rank0[name], rank1[name]) and torch.equal(rank0[name], expected[name]), name
 
 
+def held(prefix) -> dict:
+    import json
+
+    return json.loads(Path(f"{prefix}.json").read_text())
+
+
+def final_weights(logdir) -> dict:
+    latest = checkpoint.latest_checkpoint(logdir)
+    assert checkpoint.read_metadata(latest)["final"] is True
+    return checkpoint.load(latest)["model"]
+
+
+@pytest.mark.slow
+def test_fsdp_follows_the_loss_curve_of_ddp_and_of_one_process_holding_half_the_state_each(tmp_path):
+    alone = single(tmp_path, tmp_path / "one", 20, 64, "classes=4")
+    assert alone.returncode == 0, alone.stderr
+    for name, opts in (("ddp", ()), ("fsdp", ("fsdp=1",))):
+        run = torchrun(tmp_path, tmp_path / name, 20, 32, "classes=4", *opts)
+        assert run.returncode == 0, run.stderr
+    one = held(tmp_path / "one.rank0")["losses"]
+    assert len(one) == 20
+    for name in ("ddp", "fsdp"):  # the loss of a batch of 64 is the mean of its two halves' losses
+        ranks = [held(tmp_path / f"{name}.rank{r}")["losses"] for r in (0, 1)]
+        torch.testing.assert_close(torch.tensor(ranks).mean(0), torch.tensor(one), rtol=1e-5, atol=1e-6)
+    expected = final_weights(tmp_path / "ddp")
+    sharded = final_weights(tmp_path / "fsdp")
+    assert list(sharded) == list(expected)  # the user's model's names, whole tensors
+    for name in expected:
+        torch.testing.assert_close(sharded[name], expected[name], rtol=1e-5, atol=1e-6)
+    for r in (0, 1):
+        counts = held(tmp_path / f"fsdp.rank{r}")
+        assert abs(counts["params_local"] / counts["params_full"] - 0.5) <= 0.05, counts
+        assert abs(counts["optimizer_local"] / counts["params_full"] - 0.5) <= 0.05, counts  # SGD's momentum
+    assert held(tmp_path / "ddp.rank1")["params_local"] == held(tmp_path / "ddp.rank1")["params_full"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [("fsdp", "one"), ("one", "fsdp")])
+def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, then):
+    # The same 64 examples per update either way: 2 processes x 32, or 1 process accumulating 2 x 32.
+    def run(logdir, target, how):
+        if how == "one":
+            return single(tmp_path, logdir, target, 32, "accumulate=2")
+        return torchrun(tmp_path, logdir, target, 32, "fsdp=1")
+
+    straight = run(tmp_path / "straight", 20, "one")
+    assert straight.returncode == 0, straight.stderr
+    for target, how in ((10, first), (20, then)):
+        result = run(tmp_path / "run", target, how)
+        assert result.returncode == 0, result.stderr
+    assert "Restored run/model.ckpt-10" in result.stderr.replace(str(tmp_path) + "/", "")
+    expected, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "run")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
+    losses_after = held(tmp_path / "run.rank0")["losses"]
+    straight_losses = held(tmp_path / "straight.rank0")["losses"]
+    if then == "one":  # its losses are those of 32 examples each, as the straight run's
+        torch.testing.assert_close(torch.tensor(losses_after), torch.tensor(straight_losses[20:]), rtol=1e-5,
+                                   atol=1e-6)
+
+
 @pytest.mark.slow
 def test_a_shuffled_loader_is_split_not_duplicated_and_a_resume_restores_every_process(tmp_path):
     first = torchrun(tmp_path, tmp_path / "run", 10, 32, "shuffle=1")
@@ -301,6 +376,11 @@ def test_startup_delay_steps_holds_the_workers_back(tmp_path):
     ({"sync_optimizer": False}, ValueError, "world_size"),
     ({"sync_optimizer": False, "world_size": 2, "master": "tcp://h:1"}, ValueError, "master"),
     ({"is_chief": "yes"}, TypeError, "is_chief"),
+    ({"sharding": "fsdp"}, ValueError, r"`sharding`='fsdp' shards the model over several processes.*world_size=1"),
+    ({"sharding": "zero3", "master": "tcp://127.0.0.1:1", "rank": 0, "world_size": 2}, ValueError,
+     "`sharding` must be None .* or 'fsdp'.*got 'zero3'"),
+    ({"sharding": True}, TypeError, "`sharding` must be None or 'fsdp', got True"),
+    ({"sharding": "fsdp", "sync_optimizer": False, "world_size": 2}, ValueError, "synchronous"),
 ])
 def test_distributed_arguments_are_checked_before_anything_starts(tmp_path, kwargs, error, match):
     model = torch.nn.Linear(4, 1)

@@ -4,7 +4,7 @@ An engine answers the questions a run asks that depend on how many processes
 take part and how they cooperate. :class:`Engine` is the single-process one;
 ``distributed.DataParallel`` (synchronous, gradients averaged every update) and
 ``_hogwild.Hogwild`` (asynchronous forked workers) override what differs. Another
-engine (FSDP) overrides the same few methods:
+engine overrides the same few methods:
 
 * ``start``/``close``: join and leave the process group.
 * ``find_checkpoint``: which checkpoint every process restores.
@@ -12,6 +12,8 @@ engine (FSDP) overrides the same few methods:
   the :class:`~torchslim._types.GradientSync` the train op uses for the run
   (where a wrapper such as DDP would be applied).
 * ``agree_to_stop``: turn this process's wish to stop into the group's decision.
+* ``collective_save``, ``agree_to_save``, ``full_state``: an engine whose state
+  is sharded (FSDP) saves on every process at once, the chief writing.
 * ``workers``: processes that train beside this one (Hogwild).
 """
 
@@ -46,6 +48,16 @@ class Engine:
     def prepare(self, train_op: Any, restored: bool) -> GradientSync:
         """After the restore (or a fresh start): align the processes; the gradient sync for the run."""
         return LocalGradients()
+
+    collective_save = False  # True: saving gathers state from every process, so all must save at the same step
+
+    def agree_to_save(self, due: bool) -> bool:
+        """Whether a checkpoint is saved now, given whether this process's policy says so (collective saves)."""
+        return due
+
+    def full_state(self, state: Any) -> Any:
+        """The run's state with sharded tensors gathered whole (a collective where the engine shards)."""
+        return state
 
     def agree_to_stop(self, wants_stop: bool, step: int) -> bool:
         """Whether the run stops after ``step``, given whether this process wants it to."""

@@ -62,6 +62,7 @@ class TrainConfig:
     startup_delay_steps: int = 0
     validation: Any = None  # a torchslim.validation.Validation
     watch: Any = None  # a torchslim.validation.Watch
+    sharding: str | None = None
 
     # Decided from the arguments above, in __post_init__.
     device: torch.device | None = field(init=False)  # the model's device, when it is an accelerator
@@ -78,6 +79,7 @@ class TrainConfig:
         self._decide("asynchronous", self.sync_optimizer is False)
         validation.check(self.validation, self.watch, logdir=self.logdir, saver=self.saver,
                          asynchronous=self.asynchronous)
+        self._check_sharding()
 
     def _decide(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -147,6 +149,30 @@ class TrainConfig:
             raise ValueError("in a run over several processes `data` must have a len() (e.g. a DataLoader), so that "
                              f"every process takes the same number of steps; got a {type(self.data).__name__}")
         return cluster
+
+    def _check_sharding(self) -> None:
+        if self.sharding is None:
+            return
+        if not isinstance(self.sharding, str):
+            raise TypeError(f"`sharding` must be None or 'fsdp', got {self.sharding!r}")
+        if self.sharding != "fsdp":
+            raise ValueError(f"`sharding` must be None (every process holds the whole model, DDP) or 'fsdp' "
+                             f"(parameters and optimizer state sharded, FSDP2), got {self.sharding!r}")
+        if self.asynchronous:
+            raise ValueError("`sharding`='fsdp' needs synchronous updates; it cannot be used with sync_optimizer=False")
+        if not self.cluster.active:
+            raise ValueError("`sharding`='fsdp' shards the model over several processes, but this run has one "
+                             "(world_size=1): launch it with torchrun, or pass master=, rank= and world_size=")
+        if self.validation is not None:
+            raise ValueError("`validation` evaluates on the chief alone, but a model sharded by `sharding`='fsdp' "
+                             "needs every process for a forward pass: evaluate its checkpoints in another process "
+                             "(torchslim eval LOGDIR --watch) instead")
+        modules = self.train_op.modules
+        in_modules = {id(p) for m in modules.values() for p in m.parameters()}
+        loose = [name for name, p in self.train_op.named_parameters() if id(p) not in in_modules]
+        if loose:
+            raise ValueError(f"`sharding`='fsdp' shards modules; the train op also trains loose tensors "
+                             f"({', '.join(loose)}): put them in a module")
 
     def _asynchronous_cluster(self) -> distributed.Cluster:
         if self.master is not None:

@@ -247,6 +247,21 @@ class TrainOp:
         """The parameters this op updates."""
         return list(self._trained)
 
+    def replace_parameters(self, new: Mapping[int, torch.Tensor]) -> None:
+        """Point the op and its optimizer at new parameter objects (``id(old) -> new``), their state moved along.
+
+        For an engine that re-creates the parameters it shards (FSDP).
+        """
+        for group in self.optimizer.param_groups:
+            group["params"] = [new.get(id(p), p) for p in group["params"]]
+        state = self.optimizer.state
+        for old in [p for p in state if id(p) in new]:
+            state[new[id(old)]] = state.pop(old)
+        self._all_params = [new.get(id(p), p) for p in self._all_params]
+        self._trained = [new.get(id(p), p) for p in self._trained]
+        if self._backward_inputs is not None:
+            self._backward_inputs = [new.get(id(p), p) for p in self._backward_inputs]
+
     def grads_and_vars(self) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         """The ``(gradient, parameter)`` pairs of the last step, for the parameters this op trains."""
         return [(p.grad, p) for p in self._trained]

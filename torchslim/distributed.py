@@ -376,10 +376,14 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def engine_for(cluster: Cluster, device: torch.device | None, *, asynchronous: bool = False,
-               startup_delay_steps: int = 0) -> Engine:
-    """The engine a run uses, from where it runs: one process, synchronous processes, or Hogwild workers."""
+               startup_delay_steps: int = 0, sharding: str | None = None) -> Engine:
+    """The engine a run uses, from where it runs: one process, DDP, FSDP (``sharding="fsdp"``), or Hogwild workers."""
     if asynchronous:
         return Hogwild(cluster.world_size, startup_delay_steps)
+    if sharding == "fsdp":
+        from torchslim._fsdp import FullySharded
+
+        return FullySharded(cluster, device)
     if cluster.active:
         return DataParallel(cluster, device)
     return Engine()

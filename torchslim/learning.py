@@ -341,6 +341,7 @@ def train(
     startup_delay_steps: int = 0,
     validation: Validation | None = None,
     watch: Watch | None = None,
+    sharding: str | None = None,
 ) -> float | None:
     """Run ``train_op`` as a supervised job: restore or init, step, summarize, checkpoint, stop, save.
 
@@ -397,6 +398,11 @@ def train(
         watch: a :class:`torchslim.validation.Watch`: a metric of the validation (or, without
             one, of the records of an evaluator in another process) by which the best
             checkpoints are kept and the run stops early.
+        sharding: ``None``: every process holds the whole model, gradients are
+            averaged by DDP. ``"fsdp"`` (several processes only): FSDP2 shards the
+            parameters, gradients and optimizer state of each child module with
+            parameters, then the root, so each process holds about 1/world_size;
+            checkpoints still hold the whole model. See :mod:`torchslim._fsdp`.
 
     Returns:
         The last loss as a float, or ``None`` if no step was taken.
@@ -414,6 +420,7 @@ def train(
         trace_every_n_steps=trace_every_n_steps, prefetch=prefetch, progress_bar=progress_bar, master=master,
         is_chief=is_chief, rank=rank, world_size=world_size, sync_optimizer=sync_optimizer,
         startup_delay_steps=startup_delay_steps, validation=validation, watch=watch,
+        sharding=sharding,
     )
     step_fn = _run_step if train_step_fn is train_step else _with_step_result(train_step_fn)
     kwargs = config.step_kwargs()

@@ -47,7 +47,7 @@ class Supervisor:
         self.train_op: TrainOp = config.train_op
         cluster = config.cluster
         self.engine = distributed.engine_for(cluster, config.device, asynchronous=config.asynchronous,
-                                             startup_delay_steps=config.startup_delay_steps)
+                                             startup_delay_steps=config.startup_delay_steps, sharding=config.sharding)
         self.is_chief = cluster.is_chief
         self.stream = DataStream(config.data, config.shard)
         self.signals = Signals()
@@ -57,7 +57,8 @@ class Supervisor:
         saver = validation.saver_for(config.saver or checkpoint.Saver(), config.watch)
         self.checkpoints = Checkpoints(
             self.train_op, saver if config.logdir is not None else None,
-            config.save_policy(), config.logdir, self.is_chief, self.state_dict)
+            config.save_policy(), config.logdir, self.is_chief, self.state_dict,
+            agree=self.engine.agree_to_save if self.engine.collective_save else None)
         self.validation: validation.ValidationService | None = None
         if config.validation is not None or config.watch is not None:
             self.validation = validation.ValidationService(
@@ -212,7 +213,7 @@ class Supervisor:
         state["rng"] = capture_rng()
         if self.validation is not None:
             state["validation"] = self.validation.state_dict()
-        return state
+        return self.engine.full_state(state)
 
     # ------------------------------------------------------------ end
 
