@@ -77,3 +77,36 @@ def test_help_says_what_the_command_does(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "TF-Slim's training system for PyTorch" in out and "``" not in out
+
+
+def test_export_writes_the_latest_checkpoint_s_weights_for_the_plain_model(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from torchslim.learning import create_train_op, train
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    model[2].weight = torch.nn.Parameter(model[2].weight)
+    data = [(torch.randn(16, 4),) for _ in range(3)]
+    op = create_train_op(lambda b: model(b[0]).square().mean(), torch.optim.SGD(model.parameters(), lr=0.1))
+    train(op, tmp_path / "run", data, number_of_steps=3, progress_bar=False)
+    out = tmp_path / "weights.safetensors"
+    assert cli.main(["export", str(tmp_path / "run"), str(out)]) == 0
+    assert "global step 3" in capsys.readouterr().out
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    fresh.load_state_dict(load_file(str(out)))  # strict: every name of the model, nothing else
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/run", "{tmp}/out.pt"], "OUT must be a file name ending in .safetensors, got '.*out.pt'"),
+    (["{tmp}/nothing", "{tmp}/out.safetensors"], "no checkpoint or logdir at '.*nothing'"),
+    (["{tmp}", "{tmp}/out.safetensors"], "neither a torchslim checkpoint nor a logdir holding one"),
+])
+def test_export_rejects_what_it_cannot_export_and_writes_nothing(tmp_path, capsys, args, message):
+    import re
+
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["export", *(a.format(tmp=tmp_path) for a in args)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.glob("out*"))

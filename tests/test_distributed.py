@@ -229,6 +229,15 @@ def test_fsdp_follows_the_loss_curve_of_ddp_and_of_one_process_holding_half_the_
     assert list(sharded) == list(expected)  # the user's model's names, whole tensors
     for name in expected:
         torch.testing.assert_close(sharded[name], expected[name], rtol=1e-5, atol=1e-6)
+    # `torchslim export` makes it one safetensors file for the plain model.
+    from safetensors.torch import load_file
+
+    from torchslim import cli
+
+    assert cli.main(["export", str(tmp_path / "fsdp"), str(tmp_path / "fsdp.safetensors")]) == 0
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    plain.load_state_dict(load_file(str(tmp_path / "fsdp.safetensors")))
+    assert all(torch.equal(plain.state_dict()[k], sharded[k]) for k in sharded)
     for r in (0, 1):
         counts = held(tmp_path / f"fsdp.rank{r}")
         assert abs(counts["params_local"] / counts["params_full"] - 0.5) <= 0.05, counts

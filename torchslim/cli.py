@@ -4,6 +4,8 @@ Subcommands:
 
 * ``torchslim demo``: train a small CNN on scikit-learn's digits (the main job).
 * ``torchslim inspect PATH``: print a checkpoint's tensors and metadata.
+* ``torchslim export CKPT OUT.safetensors``: a checkpoint's model weights as one
+  safetensors file, loadable into the plain model.
 * ``torchslim analyze MODULE:FACTORY --input-shape 1,3,224,224``: print a model's
   variables, the ops of one forward pass, and parameters and FLOPs per module.
 * ``torchslim eval LOGDIR [--watch]``: evaluate a logdir's latest checkpoint (or,
@@ -103,6 +105,60 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(run=run)
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a checkpoint's model weights as one safetensors file",
+        description="Write the model weights of a torchslim checkpoint (written by one process, by DDP or by "
+        "FSDP) into one safetensors file, under the model's state_dict names: "
+        "model.load_state_dict(safetensors.torch.load_file(OUT)) loads it into the plain model. CKPT is a "
+        "checkpoint, or a logdir (its latest checkpoint). OUT is written aside and renamed into place.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("out", metavar="OUT.safetensors")
+
+    def run(args: argparse.Namespace) -> int:
+        from torchslim import checkpoint
+
+        if not args.out.endswith(".safetensors"):
+            raise ValueError(f"OUT must be a file name ending in .safetensors, got {args.out!r}")
+        path = args.checkpoint
+        if not os.path.exists(path):
+            raise ValueError(f"no checkpoint or logdir at {path!r}")
+        if checkpoint.latest_checkpoint(path) is not None:  # a logdir
+            path = checkpoint.latest_checkpoint(path)
+        try:
+            step = checkpoint.step_of(path)
+        except ValueError:
+            raise ValueError(f"{args.checkpoint!r} is neither a torchslim checkpoint nor a logdir holding one") from None
+        weights = checkpoint.load(path)["model"]
+        _write_safetensors(weights, args.out)
+        print(f"wrote {len(weights)} tensors ({sum(t.numel() for t in weights.values()):,} values) of {path} "
+              f"(global step {step}) to {args.out}")
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _write_safetensors(tensors: dict[str, Any], out: str) -> None:
+    """``tensors`` into ``out`` by a rename (a crash leaves no half file); tied tensors are stored once each."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    plain = {}
+    for name, t in tensors.items():
+        shared = t.untyped_storage().data_ptr() in seen
+        seen.add(t.untyped_storage().data_ptr())
+        plain[name] = t.clone() if shared or not t.is_contiguous() else t
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        save_file(plain, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
@@ -262,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "analyze a model's ops and variables, or evaluate a run's checkpoints.",
         epilog="`torchslim COMMAND --help` describes each command.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_inspect, _add_analyze, _add_eval):
+    for add in (_add_demo, _add_inspect, _add_export, _add_analyze, _add_eval):
         add(subparsers)
     args = parser.parse_args(argv)
     try:
