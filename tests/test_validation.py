@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchslim import checkpoint, evaluation, learning, losses
-from torchslim._evalrun import evaluating, run_pass
+from torchslim._evalrun import default_eval_fn, evaluating, run_pass
 from torchslim._metrics import check_metrics
 from torchslim.validation import EarlyStopping, Validation, Watch
 
@@ -398,3 +398,15 @@ def test_cli_eval_records_for_the_trainer_and_evaluates_the_best(tmp_path, capsy
                                            tmp_path, 3)
     assert cli.main(["eval", str(tmp_path), "--best", *given]) == 0
     assert capsys.readouterr().out.startswith("global step 1: accuracy 1.0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="blocked: no CUDA device here")
+def test_the_evaluation_pass_puts_back_the_cuda_rng_and_runs_on_the_device():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5)).cuda()
+    torch.cuda.manual_seed(0)
+    rng = torch.cuda.get_rng_state()
+    with evaluating(model):
+        torch.rand(3, device="cuda")
+        results, _ = run_pass(check_metrics({"mean": lambda p, t: p.mean()}), [(torch.randn(4, 3), torch.zeros(4))],
+                              default_eval_fn(model))
+    assert torch.equal(torch.cuda.get_rng_state(), rng) and isinstance(results["mean"], float)

@@ -271,8 +271,9 @@ def evaluate_once(checkpoint_path: str | os.PathLike | None, logdir: str | os.Pa
     """Restore one checkpoint into ``model``, evaluate it over ``data``, write and return the metrics.
 
     The model runs in eval mode under ``torch.inference_mode()``; afterwards the
-    weights the checkpoint overwrote and every submodule's training flag are put
-    back as they were found. Per batch, the default path does no host sync.
+    weights the checkpoint overwrote, every submodule's training flag, every buffer
+    and the global RNG states are put back as they were found. Per batch, the
+    default path does no host sync.
 
     Args:
         checkpoint_path: a torchslim checkpoint (``.../model.ckpt-N``) or a logdir (its
