@@ -33,7 +33,7 @@ lint: $(STAMP)
 
 # Each prints a table and a last JSON line; they take a few minutes in all.
 bench: $(STAMP)
-	for b in loop_overhead summaries_overhead eval_throughput prefetch_overlap analyze_speed ddp_scaling validation_overhead; do \
+	for b in loop_overhead summaries_overhead eval_throughput prefetch_overlap analyze_speed ddp_scaling validation_overhead checkpoint_io; do \
 		$(PY) bench/$$b.py || exit 1; done
 
 clean:

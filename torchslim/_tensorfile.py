@@ -21,8 +21,9 @@ without following a symbolic link, checks its size against the one recorded
 at write time, bounds the header by the file's size before reading it, checks
 that every tensor's byte range lies inside the data, matches its dtype and
 shape, and overlaps no other, and verifies the checksums, before any tensor is
-handed out. Tensors are views on a read-only memory map of the file, to be
-copied where they belong (no intermediate copy of the file). Each refusal is a
+handed out. Tensors are views on a private (copy-on-write) memory map of the
+file: copied where they belong, or kept as they are, as ``safetensors.torch.load_file``
+does (no intermediate copy of the file). Each refusal is a
 :class:`BadFile` with the reason.
 """
 
@@ -35,7 +36,6 @@ import mmap
 import os
 import stat
 import struct
-import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -204,7 +204,7 @@ class TensorFile:
     def __init__(self, path: str, expected: Any) -> None:
         if not isinstance(expected, dict) or not _is_int(expected.get("bytes")):
             raise BadFile(f"has an entry in state.json that is not {{'bytes': <int>, ...}}: {expected!r:.200}")
-        self.path, self.expected = path, expected
+        self.path, self.expected, self._viewed = path, expected, False
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -221,7 +221,9 @@ class TensorFile:
             if self.size != expected["bytes"]:
                 raise BadFile(f"has {self.size} bytes, but {expected['bytes']} were written (truncated or overwritten)")
             self.entries = self._read_header(fd)
-            self._map = mmap.mmap(fd, self.size, access=mmap.ACCESS_READ)
+            # A private (copy-on-write) map: views handed out may be written by their new owner (an optimizer's
+            # state), which copies just the pages written and never changes the file.
+            self._map = mmap.mmap(fd, self.size, access=mmap.ACCESS_COPY)
         finally:
             os.close(fd)
 
@@ -288,22 +290,23 @@ class TensorFile:
     # ------------------------------------------------------------ tensors
 
     def view(self, key: str) -> torch.Tensor:
-        """A tensor viewing the file's bytes for ``key`` (read-only memory: copy it, never write into it)."""
+        """A tensor viewing the file's bytes for ``key``, copy-on-write: no byte is copied until it is written."""
         dtype, shape, begin, end = self.entries[key]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        with warnings.catch_warnings():  # the map is read-only; views are only ever copied from
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=begin)
+        self._viewed = True
+        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=begin)
         return flat.view(shape)
 
     def close(self) -> None:
-        """Unmap the file (views still held keep the map alive until they go)."""
-        try:
+        """Unmap the file now if no view was handed out; otherwise the map goes with the last view.
+
+        (A tensor from ``torch.frombuffer`` keeps the map object alive but does not stop
+        ``mmap.close()`` from unmapping the memory under it.)
+        """
+        if not self._viewed:
             self._map.close()
-        except BufferError:
-            pass  # a tensor still views it: the map goes with the last view
 
 
 def _is_int(x: Any) -> bool:

@@ -299,6 +299,12 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
             holds that live tensor), with no other copy made. Nothing is written
             into them unless the whole checkpoint checks out.
 
+    The other tensors are, on the CPU, copy-on-write views of the file mapped in
+    memory, as ``safetensors.torch.load_file`` gives: no byte is copied until it
+    is written (an optimizer's first step copies the pages of its state then).
+    While such a tensor lives, the file's disk space stays in use even if the
+    checkpoint is deleted; ``.clone()`` one to own its memory.
+
     Raises:
         ValueError: ``path`` is not a checkpoint.
         CorruptCheckpointError: a file is missing, truncated, malformed, or fails its checksum.
@@ -319,7 +325,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
                 raise
             raise _corrupt(path, f"{STATE_FILE}: {e}") from None
         live = _statetree.tensor_paths(into) if into is not None else {}
-        done: dict[tuple[str, int], torch.Tensor] = {}
+        done: dict[str, torch.Tensor] = {}
 
         def tensor(key: str, where: str) -> torch.Tensor:
             view = index[key].view(key)
@@ -328,9 +334,9 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
                 with torch.no_grad():
                     target.copy_(view)
                 return target
-            if (key, 0) not in done:  # a tensor referred to twice (tied weights) stays one tensor
-                done[(key, 0)] = torch.empty(view.shape, dtype=view.dtype, device=map_location).copy_(view)
-            return done[(key, 0)]
+            if key not in done:  # a tensor referred to twice (tied weights) stays one tensor
+                done[key] = view if torch.device(map_location).type == "cpu" else view.to(map_location)
+            return done[key]
 
         return _statetree.decode(meta["state"], tensor)
     finally:
