@@ -46,8 +46,10 @@ TRAINER = textwrap.dedent('''
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.9)
 
+    accumulate = int(os.environ.get("ACCUMULATE", "1"))
+
     def total_loss(batch):
-        if op.step == die_at:
+        if op.step == die_at and (accumulate == 1 or op.update_in_progress):  # with k > 1: mid-window
             os.kill(os.getpid(), signal.SIGKILL)
         if op.step == mark_at:
             open(logdir + ".mark", "w").close()
@@ -56,7 +58,7 @@ TRAINER = textwrap.dedent('''
         losses.sparse_softmax_cross_entropy(model(x + noise), y)
         return losses.get_total_loss()
 
-    op = learning.create_train_op(total_loss, optimizer, lr_scheduler=scheduler)
+    op = learning.create_train_op(total_loss, optimizer, lr_scheduler=scheduler, accumulate_steps=accumulate)
     learning.train(op, logdir, loader, number_of_steps=target if target > 0 else None,
                    save_interval_steps=int(os.environ.get("SAVE_EVERY", "20")), progress_bar=False,
                    prefetch=4 if prefetch else False)
@@ -114,6 +116,23 @@ def test_exact_resume_across_kill_9_is_bitwise_identical(tmp_path, prefetch):
         for data in (once["data"], twice["data"]):
             del data["epoch_rng"]["global"]
     assert_bitwise_equal(once["data"], twice["data"], "data")
+
+
+@pytest.mark.slow
+def test_exact_resume_across_a_kill_in_the_middle_of_an_accumulation_window(tmp_path):
+    # k=4: 60 updates are 240 batches; the kill comes at the 2nd batch of update 28's window, after the
+    # checkpoint at update 20 (batch 80). The resumed run restarts that window from its first batch.
+    env = {"ACCUMULATE": "4"}
+    run_trainer(tmp_path, tmp_path / "once", 60, env=env)
+    killed = run_trainer(tmp_path, tmp_path / "twice", 60, 27, env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path / "twice")) == 20
+    run_trainer(tmp_path, tmp_path / "twice", 60, env=env)
+    once, twice = final_state(tmp_path / "once"), final_state(tmp_path / "twice")
+    assert once["global_step"] == twice["global_step"] == 60
+    assert (once["data"]["epoch"], once["data"]["batch"]) == (240 // 13, 240 % 13)  # batches, not updates
+    for part in ("model", "optimizer", "lr_scheduler", "data"):
+        assert_bitwise_equal(once[part], twice[part], part)
 
 
 def start_endless_trainer(tmp_path: Path, logdir: Path, mark_at: int) -> subprocess.Popen:

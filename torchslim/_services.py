@@ -145,6 +145,7 @@ class Summaries(Service):
             scalars["learning_rate" if len(groups) == 1 else f"learning_rate/group_{i}"] = float(group["lr"])
         if self.last_written is not None and now > self.last_written[1] and step > self.last_written[0]:
             scalars["global_step/sec"] = (step - self.last_written[0]) / (now - self.last_written[1])
+        scalars.update(op.precision.summary())  # fp16: the loss scale and the updates it skipped
         if self.summary_op is not None:
             scalars.update(self.summary_op(op))
         summaries.write_summaries(self.collection, self.writer, step, scalars)

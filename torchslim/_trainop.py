@@ -45,7 +45,8 @@ class StepResult(NamedTuple):
         losses: the losses the loss function recorded in this call
             (``losses.named()`` gives ``(tag, tensor)`` pairs for summaries).
         applied: whether the call ended an update: the optimizer stepped and the
-            global step moved. False on the inner micro-batches of an accumulation.
+            global step moved. False on the inner micro-batches of an accumulation,
+            and when the fp16 loss scaler skipped the update (Inf/NaN gradients).
     """
 
     loss: torch.Tensor
@@ -105,8 +106,7 @@ class TrainOp:
             return StepResult(loss, collected, applied=False)
         if self._update_loss is not None:
             loss, self._update_loss = self._update_loss / self.accumulate_steps, None
-        self.apply()
-        return StepResult(loss, collected, applied=True)
+        return StepResult(loss, collected, applied=self.apply())
 
     def forward_backward(self, batch: Any = NO_BATCH) -> tuple[torch.Tensor, losses.LossCollection]:
         """Compute one micro-batch's loss and add its gradients; return the detached loss and the losses recorded."""
@@ -141,6 +141,8 @@ class TrainOp:
         self.precision.unscale_(self.optimizer)
         self._transform_gradients()
         if not self.precision.step(self.optimizer):
+            log.info("global step %d: the fp16 loss scaler skipped this update (Inf/NaN gradients) and lowered the "
+                     "scale; %d update(s) skipped so far", self.step, self.precision.skipped_updates)
             return False
         if self.lr_scheduler is not None and self.lr_scheduler_interval == "step":
             self.lr_scheduler.step()

@@ -37,9 +37,11 @@ import torch.utils.data.distributed
 from torch.utils.hooks import RemovableHandle
 
 from torchslim import checkpoint, distributed, gradients, summaries
-from torchslim._checks import check_bool, check_callable, check_non_negative
+from torchslim._checks import check_bool, check_callable, check_non_negative, check_positive_int
+from torchslim._cpumemory import keep_freed_memory
 from torchslim._logs import default_logging
 from torchslim._modelstate import add_update_op, find_model_state, named_parameters, registered_update_ops
+from torchslim._precision import make_precision
 from torchslim._trainconfig import TrainConfig
 from torchslim._trainop import NO_BATCH, StepResult, TrainOp
 from torchslim._types import DEFAULT, GlobalStep, GradientTransform, NonFiniteError
@@ -107,6 +109,8 @@ def create_train_op(
     model: torch.nn.Module | Mapping[str, torch.nn.Module] | None = None,
     lr_scheduler: Any = None,
     lr_scheduler_interval: str = "step",
+    precision: str = "fp32",
+    accumulate_steps: int = 1,
 ) -> TrainOp:
     """Make the op that, each time it is called, computes the loss and applies one gradient step.
 
@@ -142,6 +146,19 @@ def create_train_op(
             ``"epoch"`` (when :func:`train` starts an epoch of the data after the
             first, as ``for epoch ...: train(); scheduler.step()`` does, for
             schedulers written in epochs such as ``StepLR(step_size=30)``).
+        precision: ``"fp32"`` (the default: as written), ``"bf16"`` (the loss function
+            runs under ``torch.autocast`` on the model's device type with bfloat16) or
+            ``"fp16"`` (autocast with float16 and a ``torch.amp.GradScaler``, whose
+            state is checkpointed). Gradients are unscaled before the multipliers, the
+            clipping, ``transform_grads_fn`` and gradient summaries see them. An fp16
+            update the scaler skips (Inf/NaN gradients) steps neither the optimizer,
+            the LR scheduler nor the global step; it is logged and counted
+            (``skipped_updates`` in the summaries, with ``loss_scale``).
+        accumulate_steps: batches per optimizer update (gradient accumulation). Each
+            batch's loss is divided by it, so k batches of b samples make the update
+            one batch of k*b would (for a loss that is a mean over the batch). The
+            global step counts updates; epochs and the data position count batches;
+            logs and summaries report the update's mean loss.
 
     Returns:
         A :class:`TrainOp`; ``train_op(batch)`` performs one step and returns the loss.
@@ -162,6 +179,8 @@ def create_train_op(
         raise TypeError(f"`lr_scheduler` must have step() and state_dict(), got {type(lr_scheduler).__name__}")
     if lr_scheduler_interval not in ("step", "epoch"):
         raise ValueError(f"`lr_scheduler_interval` must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
+    check_positive_int(accumulate_steps, "accumulate_steps")
+    numerics = make_precision(precision, _device_of(state))
     multiply = None
     if gradient_multipliers is not None:
         multiply = _multiply_transform(gradient_multipliers, op_names, trained, optimizer)
@@ -177,8 +196,15 @@ def create_train_op(
         update_ops=_resolve_update_ops(update_ops, modules),
         params_to_train=trained, transform=transform, check_numerics=check_numerics, lr_scheduler=lr_scheduler,
         lr_scheduler_interval=lr_scheduler_interval,
-        summarize_gradients=summarize_gradients,
+        summarize_gradients=summarize_gradients, precision=numerics, accumulate_steps=accumulate_steps,
     )
+
+
+def _device_of(state: Mapping[str, Any]) -> torch.device:
+    for holder in state.values():
+        for t in holder.parameters() if isinstance(holder, torch.nn.Module) else [holder]:
+            return t.device
+    return torch.device("cpu")
 
 
 def _check_global_step(global_step: object) -> GlobalStep | None:
@@ -410,6 +436,12 @@ def train(
     A final checkpoint and summary are written when the target is reached, the
     data runs out, the watched metric stops improving, or on SIGTERM / Ctrl-C
     (which are then re-raised); never after an error.
+
+    While a model on the CPU trains, glibc's allocator keeps freed memory in the
+    process instead of returning it to the system after every step (a page-fault
+    storm otherwise, worst with bf16): process-wide, set back when ``train``
+    returns; ``TORCHSLIM_KEEP_FREED_MEMORY=0`` in the environment turns it off
+    (see the README's "Speed" section).
     """
     config = TrainConfig(
         train_op=train_op, logdir=logdir, data=data, train_step_fn=train_step_fn,
@@ -425,7 +457,8 @@ def train(
     step_fn = _run_step if train_step_fn is train_step else _with_step_result(train_step_fn)
     kwargs = config.step_kwargs()
     result = None
-    with default_logging(), Supervisor(config) as sv, distributed.naming_the_rank(config.cluster):
+    with default_logging(), keep_freed_memory(config.device is None), Supervisor(config) as sv, \
+            distributed.naming_the_rank(config.cluster):
         sv.restore_or_initialize()
         with sv.workers(step_fn, kwargs):
             for batch in sv.batches():
