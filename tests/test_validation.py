@@ -410,3 +410,67 @@ def test_the_evaluation_pass_puts_back_the_cuda_rng_and_runs_on_the_device():
         results, _ = run_pass(check_metrics({"mean": lambda p, t: p.mean()}), [(torch.randn(4, 3), torch.zeros(4))],
                               default_eval_fn(model))
     assert torch.equal(torch.cuda.get_rng_state(), rng) and isinstance(results["mean"], float)
+
+
+@pytest.mark.slow
+def test_every_n_secs_evaluates_by_the_clock(tmp_path):
+    import time
+
+    def run_for(logdir, secs):
+        run = Run()
+        original = run.loss
+
+        def slow_loss(batch):
+            time.sleep(0.01)
+            return original(batch)
+
+        run.train_op = learning.create_train_op(slow_loss, run.train_op.optimizer, model=run.model)
+        run.train(logdir, number_of_steps=20, validation=run.validation(every_n_secs=secs))
+
+    run_for(tmp_path / "never", 1000.0)
+    assert not os.path.exists(tmp_path / "never" / "eval")  # not due in the run's few seconds: no evaluation
+    run_for(tmp_path / "often", 0.025)
+    assert len(eval_records(tmp_path / "often")) >= 2  # at least 10 ms a step: due again within a few steps
+
+
+# A run killed by SIGKILL (no final save, as after a power cut) and started again with the same command.
+KILLED = '''
+import os, signal, sys
+sys.path.insert(0, os.path.dirname(__file__))
+from test_validation import Run
+from torchslim import learning
+from torchslim.validation import Watch
+logdir, die_at = sys.argv[1], int(sys.argv[2])
+run = Run()
+def step_fn(train_op, batch, kwargs):
+    if train_op.step == die_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return learning.train_step(train_op, batch, kwargs)
+run.train(logdir, number_of_steps=400, save_interval_steps=4, validation=run.validation(every_n_steps=4),
+          train_step_fn=step_fn, progress_bar=False,
+          watch=Watch("loss", mode="min", patience=3, min_delta=0.02, keep_best=1))
+print("stopped at", run.train_op.step)
+'''
+
+
+@pytest.mark.slow
+def test_a_run_killed_by_sigkill_and_restarted_stops_at_the_same_step(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    once = run_with_patience(tmp_path / "once")
+    stop = once.train_op.step
+    assert stop < 400
+    shutil.copy(os.path.join(ROOT, "tests", "test_validation.py"), tmp_path / "test_validation.py")
+    (tmp_path / "killed.py").write_text(KILLED)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    args = [sys.executable, str(tmp_path / "killed.py"), str(tmp_path / "twice")]
+    killed = subprocess.run([*args, str(stop - 3)], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    resumed = subprocess.run([*args, "-1"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"stopped at {stop}" in resumed.stdout
+    final = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "twice"))
+    for name, tensor in once.model.state_dict().items():
+        assert torch.equal(tensor, final["model"][name]), name
