@@ -250,3 +250,15 @@ def test_the_tensor_file_is_a_safetensors_file_checksummed_per_chunk(tmp_path):
     f = _tensorfile.TensorFile(str(tmp_path / "t.safetensors"), entry)
     f.verify()
     assert all(f.view(k).data_ptr() % f.view(k).element_size() == 0 for k in tensors if tensors[k].numel())
+
+
+def test_the_cli_on_a_logdir_falls_back_past_a_corrupt_newest_one(tmp_path, capsys, caplog):
+    from torchslim import cli
+
+    logdir = saved_run(tmp_path)
+    assert cli.main(["inspect", str(logdir)]) == 0
+    assert f"checkpoint: {logdir / 'model.ckpt-1'}" in capsys.readouterr().out
+    assert cli.main(["export", str(logdir), str(tmp_path / "w.safetensors")]) == 0
+    assert "of " + str(logdir / "model.ckpt-1") in capsys.readouterr().out
+    assert caplog.text.count("model.ckpt-2 is corrupt: tensors.safetensors has 10 bytes") == 2
+    assert cli.main(["inspect", str(logdir / "model.ckpt-2")]) == 2  # named explicitly: refused, not replaced

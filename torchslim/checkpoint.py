@@ -57,7 +57,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -84,6 +84,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("torchslim")
+_T = TypeVar("_T")
 
 CHECKPOINT_PREFIX = "model.ckpt"
 TENSOR_FILE = "tensors.safetensors"
@@ -369,24 +370,28 @@ def restore(path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
         ValueError: ``path`` does not exist.
         CorruptCheckpointError: as above.
     """
-    path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        state = load(path, map_location=map_location, into=into)
+    def read(candidate: str) -> dict[str, Any]:
+        state = load(candidate, map_location=map_location, into=into)
         if check is not None:
-            check(path, state)
-        return path, state
+            check(candidate, state)
+        return state
+
+    return _resolve(os.fspath(path), read, "falling back to the checkpoint before it")
+
+
+def _resolve(path: str, read: Callable[[str], _T], fallback: str) -> tuple[str, _T] | None:
+    """The policy of :func:`restore` for any way of reading a checkpoint (``read`` raises CorruptCheckpointError)."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path, read(path)
     if not os.path.isdir(path):
         raise ValueError(f"no checkpoint or logdir at {path!r}")
     candidates = list_checkpoints(path)
     for i, candidate in enumerate(reversed(candidates)):
         try:
-            state = load(candidate, map_location=map_location, into=into)
-            if check is not None:
-                check(candidate, state)
-            return candidate, state
+            return candidate, read(candidate)
         except CorruptCheckpointError as e:
             if i + 1 < len(candidates):
-                log.warning("%s; falling back to the checkpoint before it", e)
+                log.warning("%s; %s", e, fallback)
             elif len(candidates) > 1:
                 raise CorruptCheckpointError(f"{e}; it is the oldest of the {len(candidates)} checkpoints in {path}, "
                                              "and none of them reads back") from None
@@ -665,19 +670,10 @@ def describe(path: str | os.PathLike, *, show_all: bool = False) -> str:
     """
     path = os.fspath(path)
     check_bool(show_all, "show_all")
-    if not os.path.exists(path):
-        raise ValueError(f"no checkpoint or logdir at {path!r}")
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return _describe(path, show_all)
-    candidates = list_checkpoints(path)
-    if not candidates:
+    found = _resolve(path, lambda p: _describe(p, show_all), "describing the checkpoint before it")
+    if found is None:
         raise ValueError(f"{path!r} is neither a torchslim checkpoint nor a logdir holding one")
-    for candidate in reversed(candidates[1:]):
-        try:
-            return _describe(candidate, show_all)
-        except CorruptCheckpointError as e:
-            log.warning("%s; describing the checkpoint before it", e)
-    return _describe(candidates[0], show_all)
+    return found[1]
 
 
 def _describe(path: str, show_all: bool) -> str:

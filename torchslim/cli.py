@@ -124,16 +124,12 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
         if not args.out.endswith(".safetensors"):
             raise ValueError(f"OUT must be a file name ending in .safetensors, got {args.out!r}")
-        path = args.checkpoint
-        if not os.path.exists(path):
-            raise ValueError(f"no checkpoint or logdir at {path!r}")
-        if checkpoint.latest_checkpoint(path) is not None:  # a logdir
-            path = checkpoint.latest_checkpoint(path)
-        try:
-            step = checkpoint.step_of(path)
-        except ValueError:
-            raise ValueError(f"{args.checkpoint!r} is neither a torchslim checkpoint nor a logdir holding one") from None
-        weights = checkpoint.load(path)["model"]
+        found = checkpoint.restore(args.checkpoint)  # a logdir: its newest checkpoint that reads back
+        if found is None:
+            raise ValueError(f"{args.checkpoint!r} is neither a torchslim checkpoint nor a logdir holding one")
+        path, state = found
+        step = checkpoint.read_metadata(path)["global_step"]
+        weights = state["model"]
         _write_safetensors(weights, args.out)
         print(f"wrote {len(weights)} tensors ({sum(t.numel() for t in weights.values()):,} values) of {path} "
               f"(global step {step}) to {args.out}")
