@@ -295,3 +295,66 @@ def test_the_opt_out_leaves_the_allocator_alone(monkeypatch):
     with keep_freed_memory() as kept:
         assert not kept
 
+
+
+# ---------------------------------------------------------------- compile
+
+
+def dropout_mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 3))
+
+
+def compiled_run(logdir, steps: int, compile: bool = True) -> tuple[dict, learning.TrainOp]:
+    model = dropout_mlp()
+    op = create_train_op(lambda b: F.cross_entropy(model(b[0]), b[1]),
+                         torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), compile=compile)
+    loader = DataLoader(classification(64 * 8), batch_size=64, shuffle=True, drop_last=True)
+    train(op, logdir, loader, number_of_steps=steps, save_interval_steps=5, progress_bar=False)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, op
+
+
+@pytest.mark.slow
+def test_compiled_steps_train_resume_exactly_and_log_the_compile_time_once(tmp_path, info_logs):
+    torch.manual_seed(5)
+    once, op = compiled_run(tmp_path / "once", 20)
+    assert info_logs.text.count("compile: the first step took") == 1 and op.step == 20
+    assert "_orig_mod" not in "".join(op.model_variables())  # checkpoint names stay the model's own
+    torch.manual_seed(5)
+    compiled_run(tmp_path / "twice", 10)
+    torch.manual_seed(77)  # a new process would start elsewhere: the checkpoint's RNG states must be restored
+    twice, _ = compiled_run(tmp_path / "twice", 20)
+    for name in once:
+        assert torch.equal(once[name], twice[name]), name
+    torch.manual_seed(5)
+    eager, _ = compiled_run(tmp_path / "eager", 20, compile=False)
+    for name in once:  # the same training as eager, up to the compiled kernels' rounding and dropout draws
+        assert torch.isfinite(once[name]).all() and once[name].shape == eager[name].shape
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) > 0:  # a host read: no full graph can hold it
+            return self.linear(x)
+        return -self.linear(x)
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_compiled_raises_with_the_compilers_message(tmp_path):
+    model = DataDependent()
+    op = create_train_op(lambda b: F.cross_entropy(model(b[0]), b[1]), torch.optim.SGD(model.parameters(), lr=0.1),
+                         compile=True)
+    with pytest.raises(ValueError, match=r"`compile`=True: torch.compile\(fullgraph=True\) cannot compile the model "
+                                         r"\(model\): .*data-dependent.+Pass compile=False"):
+        train(op, tmp_path, DataLoader(classification(64), batch_size=16), number_of_steps=2, progress_bar=False)
+    assert checkpoint.latest_checkpoint(tmp_path) is None
+
+
+def test_compile_must_be_a_bool():
+    problem = Logistic()
+    with pytest.raises(TypeError, match="`compile` must be"):
+        create_train_op(problem.loss, problem.optimizer, compile="yes")

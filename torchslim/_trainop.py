@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -71,7 +72,7 @@ class TrainOp:
                  transform: GradientTransform | None, check_numerics: bool, lr_scheduler: Any = None,
                  lr_scheduler_interval: str = "step",
                  summarize_gradients: bool = False, precision: Precision | None = None,
-                 accumulate_steps: int = 1) -> None:
+                 accumulate_steps: int = 1, compiled: bool = False) -> None:
         self.total_loss = total_loss
         self.optimizer = optimizer
         self.global_step = global_step
@@ -93,6 +94,7 @@ class TrainOp:
         self._sync_numerics: bool | None = None  # decided on the first step, from the loss's device
         self._pending_finite: torch.Tensor | None = None
         self._pending_since = 0
+        self._compiling = compiled  # the first step compiles: timed, and its compiler errors made ValueErrors
 
     # ------------------------------------------------------------ the step
 
@@ -116,6 +118,9 @@ class TrainOp:
         return self._forward_backward(batch)
 
     def _forward_backward(self, batch: Any) -> tuple[torch.Tensor, losses.LossCollection]:
+        if self._compiling:
+            self._compiling = False
+            return self._compile_step(batch)
         with losses.collect_losses() as collected, self.precision.autocast():
             loss = self.total_loss() if batch is NO_BATCH else self.total_loss(batch)
         if self._sync_numerics is None:
@@ -133,6 +138,23 @@ class TrainOp:
         if k > 1:
             self._update_loss = loss if first or self._update_loss is None else self._update_loss + loss
         return loss, collected
+
+    def _compile_step(self, batch: Any) -> tuple[torch.Tensor, losses.LossCollection]:
+        """The first step of compiled modules: compiles their forward and backward passes, timed, logged once."""
+        import torch._dynamo.exc as dynamo
+
+        started = time.perf_counter()
+        try:
+            result = self._forward_backward(batch)
+        except (dynamo.Unsupported, dynamo.BackendCompilerFailed, dynamo.InternalTorchDynamoError,
+                dynamo.UserError) as e:
+            message = str(e).strip().split("\n\n")[0]
+            raise ValueError(f"`compile`=True: torch.compile(fullgraph=True) cannot compile the model "
+                             f"({', '.join(k or '<the model>' for k in self.modules)}): {message}. "
+                             "Pass compile=False to train it eagerly, or change what it does there") from e
+        log.info("compile: the first step took %.1f s (compiling the forward and backward passes)",
+                 time.perf_counter() - started)
+        return result
 
     def apply(self) -> bool:
         """Apply the accumulated gradients: the update's phases. Returns whether the optimizer stepped."""

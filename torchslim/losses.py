@@ -212,7 +212,10 @@ def compute_weighted_loss(
         present = torch.broadcast_to(weights != 0, weighted.shape).sum()
         loss = weighted.sum() / present.clamp(min=1)
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        loss = losses.mean() * weights if weights != 0 else losses.sum() * 0.0
+        if weights == 1:  # the default: no multiply, forward or backward (mean() * 1.0 is the same bits)
+            loss = losses.mean()
+        else:
+            loss = losses.mean() * weights if weights != 0 else losses.sum() * 0.0
     else:
         raise TypeError(f"`weights` must be a number or a tensor, got {type(weights).__name__}")
     add_loss(loss, loss_collection, scope or "weighted_loss")
