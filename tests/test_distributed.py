@@ -37,6 +37,18 @@ SCRIPT = textwrap.dedent('''
     own = torch.Generator().manual_seed(7) if "generator" in opts else None  # the loader's own shuffle generator
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle="shuffle" in opts, generator=own)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, int(opts.get("classes", 3))))
+
+    class WithSpare(torch.nn.Module):  # a parameter the loss never uses
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.spare = net, torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+    if "extra" in opts:
+        model = WithSpare(model)
+    call = model.net if opts.get("extra") == "inner" else model  # inner: the loss calls a submodule only
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
 
@@ -51,14 +63,14 @@ SCRIPT = textwrap.dedent('''
         if opts.get("slow"):
             time.sleep(float(opts["slow"]))
         x, y = batch
-        losses.sparse_softmax_cross_entropy(model(x), y)
+        losses.sparse_softmax_cross_entropy(call(x), y)
         total = losses.get_total_loss()
         seen.append(total.item())
         return total
 
     seen = []
 
-    op = learning.create_train_op(total_loss, optimizer)
+    op = learning.create_train_op(total_loss, optimizer, model=model)
     op.accumulate_steps = int(opts.get("accumulate", 1))
     kwargs = {k: int(opts[k]) for k in ("rank", "world_size") if k in opts}
     if "fsdp" in opts:
@@ -160,6 +172,19 @@ def test_two_processes_accumulating_two_micro_batches_of_16_match_one_process_of
     assert pair.returncode == 0, pair.stderr
     assert_same_run(*(weights(f"{tmp_path}/{n}.safetensors") for n in ("one.rank0", "two.rank0", "two.rank1")))
     assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path / "two")) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", ["spare", "inner"])
+def test_an_unused_parameter_or_a_loss_calling_only_a_submodule_still_matches_one_process(tmp_path, extra):
+    alone = single(tmp_path, tmp_path / "one", 12, 64, f"extra={extra}")
+    assert alone.returncode == 0, alone.stderr
+    pair = torchrun(tmp_path, tmp_path / "two", 12, 32, f"extra={extra}")
+    assert pair.returncode == 0, pair.stderr
+    one, rank0, rank1 = (weights(f"{tmp_path}/{n}.safetensors") for n in ("one.rank0", "two.rank0", "two.rank1"))
+    assert "spare.weight" in one and "net.0.weight" in one
+    assert_same_run(one, rank0, rank1)
+    assert ("gradients are averaged after it instead" in pair.stderr) == (extra == "inner")
 
 
 def two_nodes(tmp_path, target, nodes):
@@ -463,6 +488,11 @@ def test_ddp_runs_through_the_user_s_own_model_and_inner_micro_batches_communica
                          variables_to_train=[p for p in model.parameters() if p is not frozen])
     op.accumulate_steps = 2
     sync = DDPGradients(op.modules, op.trained_parameters)
+    x = torch.randn(4, 8)
+    with op.synchronized(sync):  # the first update: averaged after its backward pass, it tells how to make DDP
+        op.run(x)
+        op.run(x)
+    assert sync.ddp is not None and sync.ddp.find_unused_parameters is False
     reduced = []
 
     def counting(state, bucket):
@@ -470,13 +500,12 @@ def test_ddp_runs_through_the_user_s_own_model_and_inner_micro_batches_communica
         return allreduce_hook(dist.group.WORLD, bucket)
 
     sync.ddp.register_comm_hook(None, counting)
-    x = torch.randn(4, 8)
     with op.synchronized(sync):
         op.run(x)  # the inner micro-batch: forward and backward under no_sync
         assert reduced == []
         op.run(x)  # the last: one reduction of the trained parameters, during the backward pass
     assert sum(reduced) == sum(p.numel() for p in model.parameters()) - frozen.numel()
-    assert op.step == 1 and isinstance(model, torch.nn.Sequential) and list(model.state_dict()) == names
+    assert op.step == 2 and isinstance(model, torch.nn.Sequential) and list(model.state_dict()) == names
     assert list(op.state_dict()["model"]) == names  # no "module." prefix
     ddp = weakref.ref(sync.ddp)
     sync.close()

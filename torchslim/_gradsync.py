@@ -23,12 +23,15 @@ Re-exported by :mod:`torchslim.distributed`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+log = logging.getLogger("torchslim")
 
 DEFAULT_BUCKET_MB = 25  # DDP's default bucket_cap_mb
 FIRST_BUCKET_MB = 1  # as DDP: a small first bucket starts the communication early in the backward pass
@@ -168,7 +171,7 @@ class DDPGradients:
     A :class:`~torchslim._types.GradientSync`: ``no_sync()`` must enclose the
     forward pass as well as the backward pass of an inner micro-batch (as with
     DDP itself); ``synchronize()`` has nothing left to do, the reducer finished
-    when the backward pass did.
+    when the backward pass did (except on the first update: see there).
 
     Args:
         modules: the train op's modules by name (one: the model itself).
@@ -188,8 +191,15 @@ class DDPGradients:
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device is not None and device.type == "cuda" else None
         # init_sync=False: the engine has already made every process start equal (restore or broadcast).
-        self.ddp: DDP | None = DDP(self.root, device_ids=device_ids, bucket_cap_mb=bucket_mb, init_sync=False)
+        self._ddp_kwargs: dict[str, Any] = {"device_ids": device_ids, "bucket_cap_mb": bucket_mb, "init_sync": False}
+        self.ddp: DDP | None = None  # made after the first update, which finds out what DDP must be told
+        self.trained = list(trained)
+        self.world_size = dist.get_world_size()
+        self._first = True
         self._depth = 0  # nesting of calls into the hooked modules: only the outermost is DDP's forward
+        self._called = False  # a hooked module's forward ran, with gradients to sync, in this update
+        self._inner = False  # inside no_sync()
+        self._warned = False
         self._handles = []
         for module in modules.values():
             self._handles.append(module.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -203,21 +213,60 @@ class DDPGradients:
 
     def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         self._depth -= 1
-        if self._depth == 0 and self.ddp is not None:
-            return self.ddp._post_forward(output)
+        if self._depth == 0:
+            self._called = self._called or (torch.is_grad_enabled() and not self._inner)
+            if self.ddp is not None:
+                return self.ddp._post_forward(output)
         return None
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Forward and backward passes of a micro-batch that does not end the update: communicate nothing."""
-        if self.ddp is None:
-            yield
-            return
-        with self.ddp.no_sync():
-            yield
+        self._inner = True
+        try:
+            if self.ddp is None:
+                yield
+            else:
+                with self.ddp.no_sync():
+                    yield
+        finally:
+            self._inner = False
 
     def synchronize(self) -> None:
-        """Nothing: DDP's reducer has averaged every gradient by the end of the backward pass."""
+        """Nothing, when DDP's reducer averaged every gradient in the backward pass; else average them now.
+
+        The first update is averaged here, after its backward pass, and tells
+        how to make DDP: with ``find_unused_parameters`` only if some trained
+        parameter got no gradient on some process (a head used only sometimes:
+        it counts as zeros, as DDP counts it then, instead of DDP's error at the
+        next step), and not at all if the loss function called none of the
+        hooked modules itself, only their submodules (``model.encoder(x)``):
+        DDP would never see a forward pass, so the gradients stay averaged here,
+        after the backward pass, without overlap (a warning says so).
+        """
+        called, self._called = self._called, False
+        if self.ddp is not None and called:
+            return
+        if self._first:
+            self._first = False
+            flags = torch.tensor([float(any(p.grad is None for p in self.trained)), float(not called)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            average_now(self.trained, self.world_size)
+            if flags[1] == 0:
+                self.ddp = DDP(self.root, find_unused_parameters=bool(flags[0]), **self._ddp_kwargs)
+            else:
+                self._warn()
+            return
+        self._warn()
+        average_now(self.trained, self.world_size)
+
+    def _warn(self) -> None:
+        if not self._warned:
+            log.warning("The loss function did not call %s itself, so DDP could not overlap the gradient all-reduce "
+                        "with the backward pass; gradients are averaged after it instead. Call the model, or pass "
+                        "create_train_op(model=...) the modules the loss function calls",
+                        "the model" if not isinstance(self.root, torch.nn.ModuleDict) else "its modules")
+            self._warned = True
 
     __call__ = synchronize
 
@@ -232,3 +281,20 @@ class DDPGradients:
         for p in self.root.parameters():
             if hasattr(p, "_ddp_ignored"):
                 del p._ddp_ignored
+
+
+def average_now(params: Sequence[torch.Tensor], world_size: int) -> None:
+    """Average the gradients of ``params`` across the group (a missing gradient counts as zeros)."""
+    with torch.no_grad():
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        for group in groups.values():
+            grads = [p.grad for p in group if p.grad is not None]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat.div_(world_size)
+            for grad, value in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(value)
