@@ -45,6 +45,19 @@ side comes first. The last line printed is one JSON object, ``{"S": {"raw_us",
 for M.
 
     .venv/bin/python bench/loop_overhead.py [--repeats 7] [--clock cpu|wall] [--quick]
+
+End to end (``--e2e``): the lower quartile of 100-step intervals can leave out
+epoch boundaries and other periodic costs, so this mode times whole runs of
+model S (3300 steps, about 26 epochs, 1 thread; wall clock from before the loop
+or the ``train()`` call to its return, so train()'s start, its checkpoint saves
+and its final save count too), each side in its own fresh process, the sides
+interleaved and paired per repeat: ``raw`` (the loop above), ``ce`` (train()
+with a loss function returning ``F.cross_entropy``) and ``losses`` (train()
+with ``losses.sparse_softmax_cross_entropy`` + ``losses.get_total_loss()``).
+Its JSON line is ``{"S_e2e": {"raw_us", "ce_ratio", "losses_ratio"}}``;
+targets: both ratios <= 1.05.
+
+    .venv/bin/python bench/loop_overhead.py --e2e [--repeats 7]
 """
 
 from __future__ import annotations
@@ -159,13 +172,98 @@ def run_torchslim(build: Callable[[], nn.Module], loader: torch.utils.data.DataL
     return result
 
 
+# ---------------------------------------------------------------- end to end (issue 12, point 8)
+
+E2E_STEPS = 3300
+
+
+def e2e_one(side: str, steps: int) -> float:
+    """One process's whole run of model S, wall clock from before the loop (or the train() call) to its end, s/step.
+
+    ``raw``: the hand-written loop with ``F.cross_entropy``; ``ce``: train() with a loss
+    function returning ``F.cross_entropy``; ``losses``: train() with
+    ``losses.sparse_softmax_cross_entropy`` + ``losses.get_total_loss()``.
+    """
+    from torchslim import losses
+
+    torch.set_num_threads(1)
+    torch.manual_seed(SEED)
+    dataset = torch.utils.data.TensorDataset(torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False)
+    model, opt = fresh(model_s)
+    if side == "raw":
+        start, step = time.perf_counter(), 0
+        while step < steps:
+            for x, y in loader:
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                step += 1
+                if step == steps:
+                    break
+        return (time.perf_counter() - start) / steps
+
+    def with_losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        losses.sparse_softmax_cross_entropy(model(batch[0]), batch[1])
+        return losses.get_total_loss()
+
+    loss_fn = with_losses if side == "losses" else (lambda batch: F.cross_entropy(model(batch[0]), batch[1]))
+    logdir = tempfile.mkdtemp(prefix="loop_overhead_e2e_")
+    try:
+        op = create_train_op(loss_fn, opt, model=model)
+        logging.getLogger("torchslim").addHandler(logging.NullHandler())
+        start = time.perf_counter()
+        train(op, logdir, loader, number_of_steps=steps, log_every_n_steps=LOG_EVERY, progress_bar=False)
+        return (time.perf_counter() - start) / steps
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def e2e_main(repeats: int, steps: int) -> None:
+    """raw, ce and losses in separate processes, interleaved, each repeat's ratios paired; table and JSON line."""
+    import subprocess
+    import sys
+
+    sides = ["raw", "ce", "losses"]
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    for rep in range(repeats):
+        for side in sides if rep % 2 == 0 else sides[::-1]:
+            out = subprocess.run([sys.executable, __file__, "--e2e-one", side, "--e2e-steps", str(steps)],
+                                 capture_output=True, text=True, check=True)
+            times[side].append(float(out.stdout.strip().splitlines()[-1]))
+    med = statistics.median
+    print(f"end to end: model S, 1 thread, {steps} steps per process (whole run, wall clock, final checkpoint "
+          f"included), {repeats} repeats, sides interleaved; ratio: median of the per-repeat ratios to raw")
+    print(f"{'side':<8}{'us/step':>10}{'diff us':>9}{'ratio':>8}{'per-repeat min..max':>22}")
+    summary = {"raw_us": round(med(times['raw']) * 1e6, 1)}
+    for side in sides:
+        ratios = sorted(t / r for t, r in zip(times[side], times["raw"], strict=True))
+        print(f"{side:<8}{med(times[side]) * 1e6:>10.1f}{(med(times[side]) - med(times['raw'])) * 1e6:>9.1f}"
+              f"{med(ratios):>8.3f}{f'{ratios[0]:.3f}..{ratios[-1]:.3f}':>22}")
+        if side != "raw":
+            summary[f"{side}_ratio"] = round(med(ratios), 4)
+    print("targets: ce_ratio and losses_ratio <= 1.05")
+    print(json.dumps({"S_e2e": summary}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each side (default: %(default)s)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="the clock of the JSON line: process CPU time (default) or wall time")
     parser.add_argument("--quick", action="store_true", help="3 repeats of 1 run per side: a smoke run, not a result")
+    parser.add_argument("--e2e", action="store_true",
+                        help="instead: whole runs of model S end to end, each side in its own process (issue 12)")
+    parser.add_argument("--e2e-steps", type=int, default=E2E_STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--e2e-one", choices=("raw", "ce", "losses"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
+    if args.e2e_one:
+        print(e2e_one(args.e2e_one, args.e2e_steps))
+        return
+    if args.e2e:
+        e2e_main(3 if args.quick else args.repeats, args.e2e_steps)
+        return
     repeats = 3 if args.quick else args.repeats
     rounds = 1 if args.quick else ROUNDS
     if repeats < 1:
