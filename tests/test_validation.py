@@ -398,6 +398,10 @@ def test_cli_eval_records_for_the_trainer_and_evaluates_the_best(tmp_path, capsy
                                            tmp_path, 3)
     assert cli.main(["eval", str(tmp_path), "--best", *given]) == 0
     assert capsys.readouterr().out.startswith("global step 1: accuracy 1.0")
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "best.safetensors"), "--best"]) == 0
+    import safetensors.torch
+
+    assert torch.equal(safetensors.torch.load_file(tmp_path / "best.safetensors")["weight"], torch.eye(2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="blocked: no CUDA device here")

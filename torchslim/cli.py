@@ -118,13 +118,22 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("--best", action="store_true",
+                   help="CKPT is a logdir: export its best checkpoint by the metric its run watched, not the latest")
 
     def run(args: argparse.Namespace) -> int:
         from torchslim import checkpoint
 
         if not args.out.endswith(".safetensors"):
             raise ValueError(f"OUT must be a file name ending in .safetensors, got {args.out!r}")
-        found = checkpoint.restore(args.checkpoint)  # a logdir: its newest checkpoint that reads back
+        source = args.checkpoint
+        if args.best:
+            if not os.path.isdir(source):
+                raise ValueError(f"--best takes a logdir, got {source!r}")
+            source = checkpoint.best_checkpoint(source)
+            if source is None:
+                raise ValueError(f"no checkpoint in {args.checkpoint!r} has a value of the metric its run watched")
+        found = checkpoint.restore(source)  # a logdir: its newest checkpoint that reads back
         if found is None:
             raise ValueError(f"{args.checkpoint!r} is neither a torchslim checkpoint nor a logdir holding one")
         path, state = found
