@@ -195,3 +195,18 @@ def test_a_second_trainer_on_a_logdir_refuses_and_a_holder_killed_by_kill_9_hold
     problem = Logistic()
     op = train(problem, logdir, 3)  # the logdir is free again, and the killed run's files are no obstacle
     assert op.step >= 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_stage_into_pinned_buffers_and_load_back_into_live_cuda_tensors(tmp_path):
+    state = {"w": torch.randn(1000, 100, device="cuda"), "step": torch.tensor(3.0)}
+    expected = {k: v.cpu().clone() for k, v in state.items()}
+    saver = checkpoint.Saver(async_save=True)
+    saver.save(state, tmp_path, 1)
+    state["w"].add_(1)  # changed after the copy: the checkpoint keeps the values saved
+    saver.wait()
+    assert saver._staging._buffers["w"].is_pinned()
+    live = {"w": torch.zeros(1000, 100, device="cuda"), "step": torch.tensor(0.0)}
+    loaded = checkpoint.load(tmp_path / "model.ckpt-1", into=live)
+    assert loaded["w"] is live["w"] and torch.equal(live["w"].cpu(), expected["w"])
+    assert checkpoint.load(tmp_path / "model.ckpt-1", map_location="cuda")["w"].device.type == "cuda"
