@@ -210,3 +210,15 @@ def test_cuda_tensors_stage_into_pinned_buffers_and_load_back_into_live_cuda_ten
     loaded = checkpoint.load(tmp_path / "model.ckpt-1", into=live)
     assert loaded["w"] is live["w"] and torch.equal(live["w"].cpu(), expected["w"])
     assert checkpoint.load(tmp_path / "model.ckpt-1", map_location="cuda")["w"].device.type == "cuda"
+
+
+def test_a_run_ending_on_a_saved_step_marks_that_checkpoint_final_without_rewriting_its_tensors(tmp_path, monkeypatch):
+    writes = []
+    real = _tensorfile.write
+    monkeypatch.setattr(_tensorfile, "write", lambda path, *a, **k: writes.append(path) or real(path, *a, **k))
+    train(Logistic(), tmp_path, 4, save_interval_steps=2, saver=checkpoint.Saver(async_save=True))
+    assert len(writes) == 2  # steps 2 and 4; the end of the run wrote no tensor file again
+    meta = checkpoint.read_metadata(tmp_path / "model.ckpt-4")
+    assert meta["final"] and checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path)) == 4
+    assert not [n for n in os.listdir(tmp_path / "model.ckpt-4") if n.startswith(".")]
+    checkpoint.load(tmp_path / "model.ckpt-4")  # its files still check out against the new state.json

@@ -318,7 +318,10 @@ class Checkpoints(Service):
         if not self.is_chief:  # it took part in gathering the state; the chief writes it
             self.last_saved_step = step
             return
-        path = self.saver.save(state, self.logdir, step, final=final, metadata=metadata)
+        if again and final:  # the weights of this step are committed already (every rank gathered: collectives)
+            path = self.saver.mark_final(self.logdir, step, metadata=metadata)
+        else:
+            path = self.saver.save(state, self.logdir, step, final=final, metadata=metadata)
         self.last_saved_step = step
         if again:  # the run ended right after a periodic save: the same step, now marked final for evaluators
             log.info("Marked %s as the final checkpoint of the run", path)

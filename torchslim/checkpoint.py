@@ -505,6 +505,34 @@ class Saver:
         self._writer.submit(path, write)
         return path
 
+    def mark_final(self, logdir: str | os.PathLike, global_step: int, *,
+                   metadata: Mapping[str, Any] | None = None) -> str:
+        """Mark the committed checkpoint of ``global_step`` final, without rewriting its tensors.
+
+        For a run that ends right after saving that step: its ``state.json`` (with
+        ``"final": true`` and ``metadata``, as :meth:`save` would record them) is
+        replaced by an atomic rename; a reader sees the old file or the new one.
+        """
+        self._writer.wait(None)  # the save of that step may still be in flight
+        path = checkpoint_path(os.path.abspath(os.fspath(logdir)), global_step)
+        _check_metadata(metadata)
+        if self.metric is not None and not (metadata or {}).get("watch"):
+            metadata = {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
+        meta = read_metadata(path)
+        meta["final"] = True
+        if metadata is not None:
+            meta["metadata"] = dict(metadata)
+            self._metrics[path] = _metadata_metrics(metadata)
+        tmp = os.path.join(path, f".{STATE_FILE}.tmp-{os.getpid()}")
+        try:
+            _write_durably(tmp, json.dumps(meta).encode())
+            os.replace(tmp, os.path.join(path, STATE_FILE))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _checkpointdir.fsync_dir(path)
+        return path
+
     def _check_finite(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if self.require_finite and (bad := _tensorfile.nonfinite(tensors)):
             raise NonFiniteError(f"refusing to checkpoint a state with NaN/Inf values in: {', '.join(bad)}")
