@@ -205,13 +205,19 @@ def _read_checkpoint(path: str | os.PathLike | None) -> tuple[str, dict[str, tor
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"`checkpoint_path` {path!r} does not exist")
+    is_file = os.path.isfile(path)
     try:
         path, values = variables.checkpoint_variables(path)  # a logdir: the checkpoint checkpoint.restore picks
     except ValueError as e:
         if isinstance(e, checkpoint.CorruptCheckpointError):
             raise
         raise ValueError(f"`checkpoint_path` {path!r}: {e}") from None
-    step = int(checkpoint.read_metadata(path)["global_step"]) if os.path.isdir(path) else 0
+    if is_file:
+        return path, values, 0
+    try:
+        step = int(checkpoint.read_metadata(path)["global_step"])
+    except ValueError:  # read, then deleted by the trainer's retention: its name still says its step
+        step = checkpoint.step_of(path)
     return path, values, step
 
 
