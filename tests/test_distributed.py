@@ -415,8 +415,15 @@ def test_startup_delay_steps_holds_the_workers_back(tmp_path):
      "`sharding` must be None .* or 'fsdp'.*got 'zero3'"),
     ({"sharding": True}, TypeError, "`sharding` must be None or 'fsdp', got True"),
     ({"sharding": "fsdp", "sync_optimizer": False, "world_size": 2}, ValueError, "synchronous"),
+    ("validation", ValueError, "`validation` evaluates on the chief alone.*sharding`='fsdp'"),
 ])
 def test_distributed_arguments_are_checked_before_anything_starts(tmp_path, kwargs, error, match):
+    if kwargs == "validation":
+        from torchslim.validation import Validation
+
+        kwargs = {"sharding": "fsdp", "master": "tcp://127.0.0.1:1", "rank": 0, "world_size": 2,
+                  "validation": Validation([(torch.zeros(2, 4), torch.zeros(2))], {"loss": lambda out, b: out.sum()},
+                                           every_n_steps=5)}
     model = torch.nn.Linear(4, 1)
     op = create_train_op(lambda b: model(b[0]).mean(), torch.optim.SGD(model.parameters(), lr=0.1))
     kwargs = {"data": logistic(), **kwargs}
