@@ -212,7 +212,7 @@ def compute_weighted_loss(
         present = torch.broadcast_to(weights != 0, weighted.shape).sum()
         loss = weighted.sum() / present.clamp(min=1)
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        if weights == 1:  # the default: no multiply, forward or backward (mean() * 1.0 is the same bits)
+        if _is_one(weights):  # the default: no multiply, forward or backward (mean() * 1.0 is the same bits)
             loss = losses.mean()
         else:
             loss = losses.mean() * weights if weights != 0 else losses.sum() * 0.0
@@ -304,10 +304,19 @@ def sparse_softmax_cross_entropy(
             f"got {tuple(labels.shape)}"
         )
     _check_smoothing(label_smoothing)
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", label_smoothing=label_smoothing
-    ).reshape(labels.shape)
-    return compute_weighted_loss(losses, weights, loss_collection, scope or "sparse_softmax_cross_entropy")
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if _is_one(weights):  # the default: PyTorch's fused mean, one kernel forward and backward instead of two
+        loss = F.cross_entropy(flat_logits, flat_labels, label_smoothing=label_smoothing)
+        add_loss(loss, loss_collection, scope or "sparse_softmax_cross_entropy")
+        return loss
+    losses = F.cross_entropy(flat_logits, flat_labels, reduction="none", label_smoothing=label_smoothing)
+    return compute_weighted_loss(losses.reshape(labels.shape), weights, loss_collection,
+                                 scope or "sparse_softmax_cross_entropy")
+
+
+def _is_one(weights: object) -> bool:
+    """``weights`` is the plain number 1 (the default): a weighted mean is then the plain mean."""
+    return isinstance(weights, (int, float)) and not isinstance(weights, bool) and weights == 1
 
 
 def sigmoid_cross_entropy(
