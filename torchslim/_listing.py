@@ -92,3 +92,17 @@ def _leaves(tree: Any, prefix: str) -> Iterator[tuple[str, str]]:
             yield from _leaves(v, f"{prefix}/{i}")
     else:
         yield prefix, (repr(tree) if not isinstance(tree, float) or math.isfinite(tree) else str(tree))
+
+
+def checksum_kind(files: dict[str, Any]) -> str:
+    """How a checkpoint's files are checksummed, from their entries in ``state.json``."""
+    entries = [e for e in files.values() if isinstance(e, dict)]
+    kinds = sorted({"sha256" if "sha256" in e else str(e.get("checksum")) for e in entries})
+    chunked = [e["chunk_bytes"] for e in entries if isinstance(e.get("chunk_bytes"), int)]
+    return ", ".join(kinds) + (f" per {chunked[0] >> 20} MiB chunk" if chunked else " per file")
+
+
+def file_size(entry: Any) -> str:
+    """A file's size from its entry in ``state.json``."""
+    n = entry.get("bytes", 0) if isinstance(entry, dict) else 0
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
