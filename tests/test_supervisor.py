@@ -95,12 +95,8 @@ def assert_bitwise_equal(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("prefetch", ["0", "1"])
-def test_exact_resume_across_kill_9_is_bitwise_identical(tmp_path, prefetch):
-    # 2N = 60 steps in one run, against 20 + 40 steps across a kill -9 at step 27
-    # (after the checkpoint at 20, mid-epoch: 13 batches per epoch).
-    env = {"PREFETCH": prefetch}
+def run_once_and_across_a_kill(tmp_path, env):
+    """60 steps in one run, and 60 across a kill -9 at step 27 (after the checkpoint at 20): both final states."""
     run_trainer(tmp_path, tmp_path / "once", 60, env=env)
     killed = run_trainer(tmp_path, tmp_path / "twice", 60, 27, env=env, check=False)
     assert killed.returncode == -signal.SIGKILL
@@ -108,6 +104,16 @@ def test_exact_resume_across_kill_9_is_bitwise_identical(tmp_path, prefetch):
     run_trainer(tmp_path, tmp_path / "twice", 60, env=env)
     once, twice = final_state(tmp_path / "once"), final_state(tmp_path / "twice")
     assert once["global_step"] == twice["global_step"] == 60
+    return once, twice
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_exact_resume_across_kill_9_is_bitwise_identical(tmp_path, prefetch):
+    # 2N = 60 steps in one run, against 20 + 40 steps across a kill -9 at step 27
+    # (after the checkpoint at 20, mid-epoch: 13 batches per epoch).
+    env = {"PREFETCH": prefetch}
+    once, twice = run_once_and_across_a_kill(tmp_path, env)
     for part in ("model", "optimizer", "lr_scheduler"):
         assert_bitwise_equal(once[part], twice[part], part)
     if prefetch == "1":
@@ -123,13 +129,7 @@ def test_exact_resume_across_a_kill_in_the_middle_of_an_accumulation_window(tmp_
     # k=4: 60 updates are 240 batches; the kill comes at the 2nd batch of update 28's window, after the
     # checkpoint at update 20 (batch 80). The resumed run restarts that window from its first batch.
     env = {"ACCUMULATE": "4"}
-    run_trainer(tmp_path, tmp_path / "once", 60, env=env)
-    killed = run_trainer(tmp_path, tmp_path / "twice", 60, 27, env=env, check=False)
-    assert killed.returncode == -signal.SIGKILL
-    assert checkpoint.step_of(checkpoint.latest_checkpoint(tmp_path / "twice")) == 20
-    run_trainer(tmp_path, tmp_path / "twice", 60, env=env)
-    once, twice = final_state(tmp_path / "once"), final_state(tmp_path / "twice")
-    assert once["global_step"] == twice["global_step"] == 60
+    once, twice = run_once_and_across_a_kill(tmp_path, env)
     assert (once["data"]["epoch"], once["data"]["batch"]) == (240 // 13, 240 % 13)  # batches, not updates
     for part in ("model", "optimizer", "lr_scheduler", "data"):
         assert_bitwise_equal(once[part], twice[part], part)
