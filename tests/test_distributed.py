@@ -75,6 +75,21 @@ SCRIPT = textwrap.dedent('''
     kwargs = {k: int(opts[k]) for k in ("rank", "world_size") if k in opts}
     if "fsdp" in opts:
         kwargs["sharding"] = "fsdp"
+    if "kill_in_save" in opts and not restarted:  # RANK:STEP: that rank dies (kill -9) while writing its shards
+        kill_rank, kill_step = map(int, opts["kill_in_save"].split(":"))
+        if rank == kill_rank:
+            from torchslim import _tensorfile
+            real_write = _tensorfile.write
+
+            def dying_write(path, tensors, **kw):
+                if f"model.ckpt-{kill_step}" in path:
+                    with open(path, "wb") as f:
+                        f.write(bytes(4096))
+                        f.flush()
+                    os.kill(os.getpid(), 9)
+                return real_write(path, tensors, **kw)
+
+            _tensorfile.write = dying_write
     learning.train(op, logdir, loader, number_of_steps=target, save_interval_steps=int(opts.get("save_every", 10)),
                    save_summaries_steps=5, master=opts.get("master"), progress_bar=False, **kwargs)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: what this process holds
@@ -187,7 +202,7 @@ def test_an_unused_parameter_or_a_loss_calling_only_a_submodule_still_matches_on
     assert ("gradients are averaged after it instead" in pair.stderr) == (extra == "inner")
 
 
-def two_nodes(tmp_path, target, nodes):
+def two_nodes(tmp_path, target, nodes, *opts, succeed=True):
     """Two torchrun agents (--nnodes=2, c10d rendezvous on loopback), each in its own directory, logdir "run".
 
     The relative logdir stands for a logdir on each machine's own disk: the path
@@ -199,12 +214,13 @@ def two_nodes(tmp_path, target, nodes):
     for node, addr in zip(nodes, ("127.0.0.1", "127.0.0.2")):
         node.mkdir(exist_ok=True)
         cmd = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-               "--rdzv-id=nodes", f"--local-addr={addr}", script(tmp_path), "run", str(target), "32", "shuffle=1"]
+               "--rdzv-id=nodes", f"--local-addr={addr}", script(tmp_path), "run", str(target), "32", "shuffle=1",
+               *opts]
         procs.append(subprocess.Popen(cmd, cwd=node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outputs = [p.communicate(timeout=180) for p in procs]
     for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err
+        assert (p.returncode == 0) == succeed, err
     return [err for _, err in outputs]
 
 
@@ -251,6 +267,11 @@ def test_fsdp_follows_the_loss_curve_of_ddp_and_of_one_process_holding_half_the_
         torch.testing.assert_close(torch.tensor(ranks).mean(0), torch.tensor(one), rtol=1e-5, atol=1e-6)
     expected = final_weights(tmp_path / "ddp")
     sharded = final_weights(tmp_path / "fsdp")
+    # Each process wrote its rows of every checkpoint; the chief committed them (state.json lists both files).
+    latest = checkpoint.latest_checkpoint(tmp_path / "fsdp")
+    assert sorted(os.listdir(latest)) == ["state.json", "tensors-rank0-of-2.safetensors",
+                                          "tensors-rank1-of-2.safetensors"]
+    assert "sharded over 2 processes" in checkpoint.describe(latest)
     assert list(sharded) == list(expected)  # the user's model's names, whole tensors
     for name in expected:
         torch.testing.assert_close(sharded[name], expected[name], rtol=1e-5, atol=1e-6)
@@ -293,6 +314,31 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, th
     if then == "one":  # its losses are those of 32 examples each, as the straight run's
         torch.testing.assert_close(torch.tensor(losses_after), torch.tensor(straight_losses[20:]), rtol=1e-5,
                                    atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_writing_its_shards_leaves_the_previous_checkpoint_the_newest(tmp_path):
+    died = torchrun(tmp_path, tmp_path / "run", 30, 32, "fsdp=1", "kill_in_save=1:20")
+    assert died.returncode != 0
+    logdir = tmp_path / "run"
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(logdir)] == ["model.ckpt-10"]
+    assert checkpoint.read_metadata(logdir / "model.ckpt-10")["format"] == "torchslim.checkpoint/3"
+    checkpoint.load(logdir / "model.ckpt-10")  # every file checks out
+    # The next run resumes from it, removes what the dead save left, and reaches the target.
+    resumed = torchrun(tmp_path, logdir, 30, 32, "fsdp=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Restored run/model.ckpt-10" in resumed.stderr.replace(str(tmp_path) + "/", "")
+    assert checkpoint.step_of(checkpoint.latest_checkpoint(logdir)) == 30
+    assert not [n for n in os.listdir(logdir) if n.startswith(".model.ckpt")]
+
+
+@pytest.mark.slow
+def test_fsdp_on_nodes_that_do_not_share_the_logdir_refuses_to_start_naming_the_rank(tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    errors = two_nodes(tmp_path, 10, nodes, "fsdp=1", succeed=False)
+    assert "must be one directory that every process sees" in errors[0]
+    assert f"rank 1 on host {socket.gethostname()} (logdir {nodes[1] / 'run'})" in errors[0]
+    assert checkpoint.latest_checkpoint(nodes[0] / "run") is None
 
 
 @pytest.mark.slow

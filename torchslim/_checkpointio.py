@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchslim import _checkpointdir, _statetree, _tensorfile
+from torchslim import _checkpointdir, _shardedio, _statetree, _tensorfile
 from torchslim._types import NonFiniteError
 
 log = logging.getLogger("torchslim")
@@ -29,7 +29,7 @@ CHECKPOINT_PREFIX = "model.ckpt"
 TENSOR_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 FORMAT = "torchslim.checkpoint/2"
-FORMATS = ("torchslim.checkpoint/1", FORMAT)  # those this release reads
+FORMATS = ("torchslim.checkpoint/1", FORMAT, _shardedio.FORMAT)  # those this release reads (3: sharded)
 _NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"-(\d+)$")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain file in the checkpoint directory, never ../ or /
 
@@ -239,6 +239,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
             holds that live tensor), with no other copy made. Nothing is written
             into them unless the whole checkpoint checks out.
 
+    A sharded checkpoint's tensors (one file per process that wrote it, see
+    :mod:`torchslim._shardedio`) are joined from their pieces, row after row,
+    into the live tensor or a new one, whatever the number of processes reading.
+
     The other tensors are, on the CPU, copy-on-write views of the file mapped in
     memory, as ``safetensors.torch.load_file`` gives: no byte is copied until it
     is written (an optimizer's first step copies the pages of its state then).
@@ -253,8 +257,13 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
     meta = read_metadata(path)
     index = _open_files(path, meta)
     try:
+        try:
+            sharded = _shardedio.pieces_of(meta, {k: f.entries[k] for k, f in index.items()})
+        except ValueError as e:
+            raise _corrupt(path, f"{STATE_FILE}: {e}") from None
+
         def check(key: str, where: str) -> torch.Tensor:
-            if key not in index:
+            if key not in index and key not in sharded:
                 raise _corrupt(path, f"the state refers to tensor {key!r} (at {where or 'the top'}), which no file holds")
             return torch.empty(0)
 
@@ -268,6 +277,8 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
         done: dict[str, torch.Tensor] = {}
 
         def tensor(key: str, where: str) -> torch.Tensor:
+            if key in sharded:
+                return joined(key, where)
             view = index[key].view(key)
             target = live.get(where)
             if target is not None and target.shape == view.shape and target.dtype == view.dtype:
@@ -277,6 +288,19 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
             if key not in done:  # a tensor referred to twice (tied weights) stays one tensor
                 done[key] = view if torch.device(map_location).type == "cpu" else view.to(map_location)
             return done[key]
+
+        def joined(key: str, where: str) -> torch.Tensor:  # a sharded tensor: its pieces, row after row
+            dtype, shape, pieces = sharded[key]
+            target = live.get(where)
+            if target is None or list(target.shape) != shape or target.dtype != dtype:
+                if key in done:
+                    return done[key]
+                target = done[key] = torch.empty(shape, dtype=dtype, device=map_location)
+            with torch.no_grad():
+                for name, first, rows in pieces:
+                    if rows:
+                        target.narrow(0, first, rows).copy_(index[name].view(name))
+            return target
 
         return _statetree.decode(meta["state"], tensor)
     finally:

@@ -12,8 +12,9 @@ engine overrides the same few methods:
   the :class:`~torchslim._types.GradientSync` the train op uses for the run
   (where a wrapper such as DDP would be applied).
 * ``agree_to_stop``: turn this process's wish to stop into the group's decision.
-* ``collective_save``, ``agree_to_save``, ``full_state``: an engine whose state
-  is sharded (FSDP) saves on every process at once, the chief writing.
+* ``collective_save``, ``agree_to_save``, ``checkpoint_state``, ``exchange``,
+  ``check_logdir``: an engine whose state is sharded (FSDP) saves on every
+  process at once, each writing its shards (:mod:`torchslim._shardedio`).
 * ``workers``: processes that train beside this one (Hogwild).
 """
 
@@ -49,15 +50,22 @@ class Engine:
         """After the restore (or a fresh start): align the processes; the gradient sync for the run."""
         return LocalGradients()
 
-    collective_save = False  # True: saving gathers state from every process, so all must save at the same step
+    collective_save = False  # True: every process writes its shards of each checkpoint, all at the same step
 
     def agree_to_save(self, due: bool) -> bool:
         """Whether a checkpoint is saved now, given whether this process's policy says so (collective saves)."""
         return due
 
-    def full_state(self, state: Any) -> Any:
-        """The run's state with sharded tensors gathered whole (a collective where the engine shards)."""
+    def checkpoint_state(self, state: Any) -> Any:
+        """The run's state as this process saves it (an engine that shards gives its ``checkpoint.Shard`` s)."""
         return state
+
+    def check_logdir(self, logdir: str | None) -> None:
+        """At start: refuse a logdir that the way this engine saves cannot use (collective saves need a shared one)."""
+
+    def exchange(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in rank order (a collective where there are several processes)."""
+        return [value]
 
     def agree_to_stop(self, wants_stop: bool, step: int) -> bool:
         """Whether the run stops after ``step``, given whether this process wants it to."""

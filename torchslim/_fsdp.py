@@ -9,10 +9,14 @@ user's model object stays the same object and its ``state_dict`` names stay
 the same; its parameters become ``DTensor`` shards, and the optimizer is
 pointed at them (its state sharded alike).
 
-Checkpoints hold the whole model: every process takes part in gathering the
-full tensors (a collective), the chief writes them. So a checkpoint written by
-N processes resumes on any number, with or without sharding. The decision to
-save is the chief's, sent to all every step (its clock decides time-based saves).
+Checkpoints are sharded: every process writes the rows it holds into a file
+of its own, and the chief commits the checkpoint once all are durable
+(:mod:`torchslim._shardedio`); nothing is gathered whole on one process. So the
+logdir must be one directory every process sees (checked at start). A
+checkpoint written by N processes resumes on any number, with or without
+sharding (each process reads the whole tensors, then keeps its rows), and
+``torchslim export`` joins one into a single file. The decision to save is the
+chief's, sent to all every step (its clock decides time-based saves).
 
 After ``train`` returns the model stays sharded (``DTensor`` parameters on a
 process group that is gone); use the final checkpoint for its full weights.
@@ -28,8 +32,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from torchslim._shardedio import Shard as CheckpointShard
+from torchslim._shardedio import check_shared_logdir
 from torchslim.distributed import Cluster, DataParallel, broadcast_tensors
 
 SHARDINGS = ("fsdp",)
@@ -63,7 +69,7 @@ class FSDPGradients:
 
 
 class FullySharded(DataParallel):
-    """FSDP2 over the train op's modules; checkpoints gathered whole for the chief to write."""
+    """FSDP2 over the train op's modules; each process writes its shards of every checkpoint."""
 
     collective_save = True
 
@@ -102,15 +108,39 @@ class FullySharded(DataParallel):
         dist.broadcast(self.save_flag, src=self.chief_rank, group=self.vote.group)
         return bool(self.save_flag.item())
 
-    def full_state(self, state: Any) -> Any:
-        """``state`` with every ``DTensor`` gathered whole (a collective: every process calls it, in one order)."""
+    def checkpoint_state(self, state: Any) -> Any:
+        """``state`` with each ``DTensor`` as the :class:`~torchslim.checkpoint.Shard` this process holds.
+
+        FSDP's placement (``Shard(0)`` on a 1-D mesh) splits dimension 0 as
+        ``torch.chunk`` does; another placement is gathered whole (a collective:
+        every process walks the state in the same order), for the chief to write.
+        """
         if isinstance(state, DTensor):
+            if len(state.placements) == 1 and state.placements[0] == Shard(0):
+                local = state.to_local()
+                rows = state.shape[0]
+                per = -(-rows // self.world_size)
+                offset = min(self.rank * per, rows)
+                if local.shape[0] != min(per, rows - offset):
+                    raise RuntimeError(f"an FSDP shard of {tuple(state.shape)} on rank {self.rank} has "
+                                       f"{local.shape[0]} rows, not the {min(per, rows - offset)} of an even split")
+                return CheckpointShard(local, offset, tuple(state.shape))
             return state.full_tensor()
         if isinstance(state, dict):
-            return {k: self.full_state(v) for k, v in state.items()}
+            return {k: self.checkpoint_state(v) for k, v in state.items()}
         if isinstance(state, (list, tuple)):
-            return type(state)(self.full_state(v) for v in state)
+            return type(state)(self.checkpoint_state(v) for v in state)
         return state
+
+    def exchange(self, value: Any) -> list[Any]:
+        if self.vote is None:
+            raise RuntimeError("FullySharded.exchange() before start()")
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value, group=self.vote.group)
+        return out
+
+    def check_logdir(self, logdir: str | None) -> None:
+        check_shared_logdir(logdir, self)
 
 
 def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -251,19 +251,20 @@ class Checkpoints(Service):
     deferred NaN check is read, so that a checkpoint never holds a run that went bad.
     ``metadata_fn(step, final, by_request)``, called before ``state_fn``, gives what
     the checkpoint's metadata records (a validation's metrics, a stop reason).
-    With ``agree`` (a sharded engine's), every process saves at the steps the
-    chief decides: each calls ``state_fn()`` (which gathers), the chief writes.
+    With ``peers`` (a sharded engine), every process saves at the steps the
+    chief decides (``peers.agree_to_save``), each writing its own shards of the
+    checkpoint (``Saver.save_sharded``), the chief committing it.
     """
 
     def __init__(self, train_op: TrainOp, saver: checkpoint.Saver | None, policy: Policy,
                  logdir: str | os.PathLike[str] | None,
                  is_chief: bool, state_fn: Callable[[], dict[str, Any]],
                  metadata_fn: Callable[[int, bool, bool], dict[str, Any] | None] | None = None,
-                 agree: Callable[[bool], bool] | None = None) -> None:
+                 peers: Any = None) -> None:
         self.train_op, self.saver, self.policy = train_op, saver, policy
         self.logdir, self.is_chief, self.state_fn = logdir, is_chief, state_fn
         self.metadata_fn = metadata_fn
-        self.agree = agree
+        self.peers = peers
         self.last_saved_step: int | None = None
         self._due: tuple[int, bool] = (-1, False)  # the policy's answer for a step, asked once
         self._requested = False
@@ -283,8 +284,8 @@ class Checkpoints(Service):
         if self.saver is not None:
             self.saver.check()  # an async save that failed since the last step: raise it here, naming it
         due = self.due(step)
-        if self.agree is not None:
-            due = self.agree(due)
+        if self.peers is not None:
+            due = self.peers.agree_to_save(due)
         if due:
             self._requested = False
             self.save()
@@ -309,20 +310,21 @@ class Checkpoints(Service):
         ``by_request``: the run is ending because it was asked to (a signal).
         """
         self.train_op.flush_numerics_check()
-        if self.logdir is None or self.saver is None or (not self.is_chief and self.agree is None):
+        if self.logdir is None or self.saver is None or (not self.is_chief and self.peers is None):
             return
         step = self.train_op.step
         started, again = time.monotonic(), step == self.last_saved_step
         metadata = self.metadata_fn(step, final, by_request) if self.metadata_fn is not None and self.is_chief else None
-        state = self.state_fn()
-        if not self.is_chief:  # it took part in gathering the state; the chief writes it
-            self.last_saved_step = step
-            return
-        if again and final:  # the weights of this step are committed already (every rank gathered: collectives)
-            path = self.saver.mark_final(self.logdir, step, metadata=metadata)
+        if again and final:  # the weights of this step are committed already: mark them final (the chief)
+            path = self.saver.mark_final(self.logdir, step, metadata=metadata) if self.is_chief else ""
+        elif self.peers is not None:  # every process writes its shards, the chief commits
+            path = self.saver.save_sharded(self.state_fn(), self.logdir, step, self.peers, final=final,
+                                           metadata=metadata)
         else:
-            path = self.saver.save(state, self.logdir, step, final=final, metadata=metadata)
+            path = self.saver.save(self.state_fn(), self.logdir, step, final=final, metadata=metadata)
         self.last_saved_step = step
+        if not self.is_chief:
+            return
         if again:  # the run ended right after a periodic save: the same step, now marked final for evaluators
             log.info("Marked %s as the final checkpoint of the run", path)
         elif self.saver.async_save and not final:

@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from torchslim import _checkpointdir, _listing, _records, _statetree, _tensorfile
+from torchslim import _checkpointdir, _listing, _records, _shardedio, _statetree, _tensorfile
 from torchslim._asyncsave import AsyncWriter, Staging
 from torchslim._checkpointio import (
     CHECKPOINT_PREFIX,
@@ -90,12 +90,15 @@ from torchslim._checkpointio import (
     TENSOR_FILE as TENSOR_FILE,
 )
 from torchslim._checks import check_bool, check_non_negative_int, check_positive
+from torchslim._shardedio import Peers, Shard
 from torchslim._types import NonFiniteError
 
 __all__ = [
     "CHECKPOINT_PREFIX",
     "CorruptCheckpointError",
+    "Peers",
     "Saver",
+    "Shard",
     "best_checkpoint",
     "checkpoint_path",
     "describe",
@@ -214,6 +217,34 @@ class Saver:
             self._retire_old(logdir, preserved)
 
         self._writer.submit(path, write)
+        return path
+
+    def save_sharded(self, state: Mapping[str, Any], logdir: str | os.PathLike, global_step: int, peers: Peers, *,
+                     final: bool = False, metadata: Mapping[str, Any] | None = None) -> str:
+        """Commit a checkpoint that several processes write together, each its own :class:`Shard` s (a collective).
+
+        Every process of ``peers`` calls it at the same step with its own state
+        and its own ``logdir`` (one directory every process sees); each writes
+        its rows into a file of its own, and the chief commits the directory once
+        all of them are durable, then applies retention. Always blocking (the
+        commit waits for every process). See :mod:`torchslim._shardedio`.
+        """
+        logdir = os.path.abspath(os.fspath(logdir))
+        path = checkpoint_path(logdir, global_step)
+        self._writer.wait(path)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`state` must be a dict, got {type(state).__name__}")
+        _check_metadata(metadata)
+        if not peers.is_chief:
+            return _shardedio.write(state, path, peers, global_step=int(global_step), final=final, metadata=None,
+                                    require_finite=self.require_finite)
+        preserved = self._preserved_in(logdir)
+        if self.metric is not None and not (metadata or {}).get("watch"):
+            metadata = {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
+        _shardedio.write(state, path, peers, global_step=int(global_step), final=final, metadata=metadata,
+                         require_finite=self.require_finite)
+        self._metrics[path] = _metadata_metrics(metadata)
+        self._retire_old(logdir, preserved)
         return path
 
     def mark_final(self, logdir: str | os.PathLike, global_step: int, *,
@@ -419,17 +450,26 @@ def _describe(path: str, show_all: bool) -> str:
     meta = read_metadata(path)
     meta.setdefault("created", 0)
     files = meta["files"]
-    tensors: list[tuple[str, str, list[int]]] = []
+    entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
     for name, expected in files.items():
         try:
             f = _tensorfile.TensorFile(os.path.join(path, name), expected)
         except _tensorfile.BadFile as e:
             raise _corrupt(path, f"{name} {e}") from None
-        tensors += [(key, _tensorfile.DTYPES[dtype], shape) for key, (dtype, shape, _, _) in f.entries.items()]
+        entries.update(f.entries)
         f.close()
+    try:
+        sharded = _shardedio.pieces_of(meta, entries)
+    except ValueError as e:
+        raise _corrupt(path, f"{STATE_FILE}: {e}") from None
+    pieces = {name for _, _, listed in sharded.values() for name, _, _ in listed}
+    tensors = [(key, _tensorfile.DTYPES[dtype], shape) for key, (dtype, shape, _, _) in entries.items()
+               if key not in pieces]
+    tensors += [(key, _tensorfile.DTYPES[dtype], shape) for key, (dtype, shape, _) in sharded.items()]
     lines = _listing.render(path, meta, tensors, show_all=show_all).split("\n")
     at = next(i for i, line in enumerate(lines) if line.startswith("format: ")) + 1
-    lines[at - 1] += f" (version {meta['format'].rsplit('/', 1)[-1]})"
+    lines[at - 1] += f" (version {meta['format'].rsplit('/', 1)[-1]}" + (
+        f", sharded over {meta.get('world_size', len(files))} processes)" if sharded else ")")
     sizes = ", ".join(f"{n} ({_listing.file_size(files[n])})" for n in files)
     lines[at:at] = [f"checksum: {_listing.checksum_kind(files)}", f"files: {sizes}"]
     if meta.get("metadata"):

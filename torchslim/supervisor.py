@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -58,7 +59,7 @@ class Supervisor:
         self.checkpoints = Checkpoints(
             self.train_op, saver if config.logdir is not None else None,
             config.save_policy(), config.logdir, self.is_chief, self.state_dict,
-            agree=self.engine.agree_to_save if self.engine.collective_save else None)
+            peers=self.engine if self.engine.collective_save else None)
         self.validation: validation.ValidationService | None = None
         if config.validation is not None or config.watch is not None:
             self.validation = validation.ValidationService(
@@ -83,6 +84,7 @@ class Supervisor:
             self._open(self.signals)  # first: Ctrl-C stays ours until everything else is closed
             self._open(LogdirHold(self.config.logdir, self.is_chief))  # before anything is written into it
             self._open(self.engine)
+            self.engine.check_logdir(None if self.config.logdir is None else os.fspath(self.config.logdir))
             self._open(self.summaries)
             self._open(Trace(self.config.trace_policy(), self.config.logdir, self.is_chief))
             if self.validation is not None:
@@ -213,7 +215,7 @@ class Supervisor:
         state["rng"] = capture_rng()
         if self.validation is not None:
             state["validation"] = self.validation.state_dict()
-        return self.engine.full_state(state)
+        return self.engine.checkpoint_state(state)
 
     # ------------------------------------------------------------ end
 
