@@ -70,7 +70,10 @@ SCRIPT = textwrap.dedent('''
 
     seen = []
 
-    op = learning.create_train_op(total_loss, optimizer, model=model)
+    dtypes = set()  # the dtype of the first layer's weight as its forward pass sees it
+    first_layer = model.net[0] if "extra" in opts else model[0]
+    first_layer.register_forward_pre_hook(lambda m, args: dtypes.add(str(m.weight.dtype)))
+    op = learning.create_train_op(total_loss, optimizer, model=model, precision=opts.get("precision", "fp32"))
     op.accumulate_steps = int(opts.get("accumulate", 1))
     kwargs = {k: int(opts[k]) for k in ("rank", "world_size") if k in opts}
     if "fsdp" in opts:
@@ -93,7 +96,7 @@ SCRIPT = textwrap.dedent('''
     learning.train(op, logdir, loader, number_of_steps=target, save_interval_steps=int(opts.get("save_every", 10)),
                    save_summaries_steps=5, master=opts.get("master"), progress_bar=False, **kwargs)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: what this process holds
-    held = {"losses": seen, "params_full": sum(p.numel() for p in model.parameters()),
+    held = {"losses": seen, "dtypes": sorted(dtypes), "params_full": sum(p.numel() for p in model.parameters()),
             "params_local": sum(local(p).numel() for p in model.parameters()),
             "optimizer_local": sum(local(t).numel() for s in optimizer.state.values() for t in s.values()
                                    if isinstance(t, torch.Tensor) and t.ndim > 0)}
@@ -289,6 +292,22 @@ def test_fsdp_follows_the_loss_curve_of_ddp_and_of_one_process_holding_half_the_
         assert abs(counts["params_local"] / counts["params_full"] - 0.5) <= 0.05, counts
         assert abs(counts["optimizer_local"] / counts["params_full"] - 0.5) <= 0.05, counts  # SGD's momentum
     assert held(tmp_path / "ddp.rank1")["params_local"] == held(tmp_path / "ddp.rank1")["params_full"]
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_gathers_bf16_parameters_and_follows_ddp_in_bf16(tmp_path):
+    for name, opts in (("ddp", ()), ("fsdp", ("fsdp=1",)), ("fsdp16", ("fsdp=1", "precision=fp16"))):
+        run = torchrun(tmp_path, tmp_path / name, 20, 32, *(opts if name == "fsdp16" else (*opts, "precision=bf16")))
+        assert run.returncode == 0, run.stderr
+    ddp, fsdp = held(tmp_path / "ddp.rank0"), held(tmp_path / "fsdp.rank0")
+    assert "torch.bfloat16" in fsdp["dtypes"] and ddp["dtypes"] == ["torch.float32"]  # gathered in bf16 / autocast
+    torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(ddp["losses"]), rtol=2e-2, atol=2e-2)
+    assert fsdp["losses"][-1] < fsdp["losses"][0]
+    saved = final_weights(tmp_path / "fsdp")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # the shards and checkpoints stay fp32
+    assert "torch.float16" in held(tmp_path / "fsdp16.rank1")["dtypes"]
+    meta = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "fsdp16"))
+    assert meta["precision"]["scaler"]["scale"] > 0  # the loss scaler's state is checkpointed
 
 
 @pytest.mark.slow

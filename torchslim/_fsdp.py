@@ -4,7 +4,11 @@
 after the restore, ``torch.distributed.fsdp.fully_shard`` is applied to each
 child module that has parameters, then to the root (each of the train op's
 modules), so that a child's parameters are gathered only while it runs and its
-gradients are reduce-scattered as soon as its backward pass is done. The
+gradients are reduce-scattered as soon as its backward pass is done. Under
+``precision="bf16"``/``"fp16"`` the gathered parameters are in that dtype and
+the gradients are reduced in fp32 (``MixedPrecisionPolicy``); fp16's loss
+scaler skips an update on every process when any process's gradient shard
+holds an Inf (DTensor reduces the check over the mesh). The
 user's model object stays the same object and its ``state_dict`` names stay
 the same; its parameters become ``DTensor`` shards, and the optimizer is
 pointed at them (its state sharded alike).
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from torchslim._shardedio import Shard as CheckpointShard
@@ -86,14 +90,20 @@ class FullySharded(DataParallel):
             raise ValueError(f"sharding='fsdp': {', '.join(already)} is already sharded (by an earlier "
                              "train(sharding='fsdp') in this process); build the model afresh for each run")
         mesh = init_device_mesh(self.device.type if self.device is not None else "cpu", (self.world_size,))
+        # Mixed precision (create_train_op(precision="bf16"/"fp16")): parameters are gathered, and layers run,
+        # in that dtype (half the all-gather traffic); gradients are reduced and kept, like the shards and the
+        # optimizer's state, in fp32.
+        dtype = getattr(train_op.precision, "dtype", None)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype is not None \
+            else MixedPrecisionPolicy()
         replaced: dict[int, torch.Tensor] = {}
         roots: list[FSDPModule] = []
         for module in train_op.modules.values():
             before = dict(module.named_parameters())
             for child in module.children():
                 if any(True for _ in child.parameters()):
-                    fully_shard(child, mesh=mesh)
-            roots.append(fully_shard(module, mesh=mesh))
+                    fully_shard(child, mesh=mesh, mp_policy=policy)
+            roots.append(fully_shard(module, mesh=mesh, mp_policy=policy))
             replaced.update((id(before[name]), p) for name, p in module.named_parameters())
         train_op.replace_parameters(replaced)
         _shard_optimizer_state(train_op.optimizer)
