@@ -310,6 +310,37 @@ def test_fsdp_in_bf16_gathers_bf16_parameters_and_follows_ddp_in_bf16(tmp_path):
     assert meta["precision"]["scaler"]["scale"] > 0  # the loss scaler's state is checkpointed
 
 
+INF_IN_ONE_SHARD = textwrap.dedent('''
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torchslim._precision import LossScaling
+    dist.init_process_group("gloo")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    optimizer, scaling = torch.optim.SGD(model.parameters(), lr=0.1), LossScaling("cpu")
+    scaling.scale(model(torch.randn(4, 8)).pow(2).mean()).backward()
+    if dist.get_rank() == 1:  # an Inf in rank 1's shard of the gradient only
+        model[0].weight.grad.to_local()[0, 0] = float("inf")
+    before = model[0].weight.to_local().clone()
+    scaling.unscale_(optimizer)
+    stepped = scaling.step(optimizer)
+    print(f"rank {dist.get_rank()} stepped={stepped} changed={not torch.equal(before, model[0].weight.to_local())}")
+    dist.destroy_process_group()
+''')
+
+
+@pytest.mark.slow
+def test_under_fp16_an_inf_in_one_process_s_gradient_shard_skips_the_update_on_every_process(tmp_path):
+    path = tmp_path / "inf.py"
+    path.write_text(INF_IN_ONE_SHARD)
+    run = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(path)], env=env(), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} stepped=False changed=False" in run.stdout, run.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first, then", [("fsdp", "one"), ("one", "fsdp")])
 def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, then):
