@@ -358,3 +358,22 @@ def test_compile_must_be_a_bool():
     problem = Logistic()
     with pytest.raises(TypeError, match="`compile` must be"):
         create_train_op(problem.loss, problem.optimizer, compile="yes")
+
+
+def test_resuming_with_another_number_of_micro_batches_per_update_warns_how_to_keep_the_run(tmp_path, caplog):
+    def run(k: int, target: int) -> None:
+        model = mlp()
+        op = create_train_op(lambda b: F.cross_entropy(model(b[0]), b[1]),
+                             torch.optim.SGD(model.parameters(), lr=0.2), accumulate_steps=k)
+        train(op, tmp_path, DataLoader(classification(), batch_size=16), number_of_steps=target, progress_bar=False)
+
+    run(2, 3)
+    assert checkpoint.load(checkpoint.latest_checkpoint(tmp_path))["run"] == {"processes": 1, "accumulate_steps": 2}
+    with caplog.at_level("WARNING", logger="torchslim"):
+        run(2, 4)  # the same: nothing to say
+    assert "micro-batch" not in caplog.text
+    with caplog.at_level("WARNING", logger="torchslim"):
+        run(1, 5)
+    assert ("model.ckpt-4 was written by 1 process(es) x 2 micro-batch(es) per update, this run has 1 x 1: each "
+            "update now takes 1 batches instead of 2") in caplog.text
+    assert "keep processes x accumulate_steps = 2 (e.g. accumulate_steps=2)" in caplog.text

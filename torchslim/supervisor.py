@@ -121,6 +121,7 @@ class Supervisor:
                 self._stopped_early_before = self.validation.stopped_early
             self.checkpoints.last_saved_step = self.train_op.step
             log.info("Restored %s (global step %d)", path, self.train_op.step)
+            self._check_batches_per_update(path, state.get("run"))
         elif self.config.init_fn is not None:
             log.info("No checkpoint in %s: starting fresh and running init_fn", self.config.logdir)
             if self.config.init_fn_takes_train_op:
@@ -133,6 +134,25 @@ class Supervisor:
         if self.config.show_progress_bar and self.is_chief:
             status = self.validation.status if self.validation is not None else None
             self._open(ProgressBar(self.config.number_of_steps, self.train_op.step, status))
+
+    def _batches_per_update(self) -> dict[str, int]:
+        processes = 1 if self.config.asynchronous else self.engine.world_size  # Hogwild: each worker's own updates
+        return {"processes": processes, "accumulate_steps": self.train_op.accumulate_steps}
+
+    def _check_batches_per_update(self, path: str, saved: Any) -> None:
+        """Warn when a resume changes how many batches make an update (processes x micro-batches)."""
+        now = self._batches_per_update()
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in now):
+            return  # a checkpoint of an older release, or not written by train()
+        before, after = saved["processes"] * saved["accumulate_steps"], now["processes"] * now["accumulate_steps"]
+        if before != after:
+            log.warning(
+                "%s was written by %d process(es) x %d micro-batch(es) per update, this run has %d x %d: each update "
+                "now takes %d batches instead of %d, so the effective batch size (and what the learning rate was tuned "
+                "for) changes. To continue the same run, keep processes x accumulate_steps = %d (e.g. "
+                "accumulate_steps=%d)", path, saved["processes"], saved["accumulate_steps"], now["processes"],
+                now["accumulate_steps"], after, before, before,
+                max(1, before // now["processes"]))
 
     def _find_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
         if self.config.logdir is None:
@@ -213,6 +233,7 @@ class Supervisor:
         state = self.train_op.state_dict()
         state["data"] = self.data_position()
         state["rng"] = capture_rng()
+        state["run"] = self._batches_per_update()
         if self.validation is not None:
             state["validation"] = self.validation.state_dict()
         return self.engine.checkpoint_state(state)
