@@ -174,3 +174,22 @@ def test_a_process_that_does_not_see_the_chief_s_logdir_is_named(tmp_path):
         assert "rank 1 on host" in str(r) and f"logdir {tmp_path / 'b'}" in str(r) and str(tmp_path / "a") in str(r)
     assert os.listdir(tmp_path / "a") == []  # the probe file is gone
     assert on_every_rank(2, lambda rank, peers: check_shared_logdir(str(tmp_path / "a"), peers)) == [None, None]
+
+
+def test_warm_starts_and_evaluation_read_a_sharded_checkpoint_as_any_other(tmp_path):
+    from torchslim import evaluation, variables
+
+    layer = torch.nn.Linear(3, 5)
+    torch.nn.init.normal_(layer.weight)
+    whole = {k: v.detach().clone() for k, v in layer.state_dict().items()}  # weight [5, 3], bias [5]
+    results = save_sharded(tmp_path / "train", 10, states=lambda r: {"model": {k: split(v, r, 2) for k, v in whole.items()}})
+    assert not any(isinstance(r, BaseException) for r in results), results
+    fresh = torch.nn.Linear(3, 5)
+    variables.assign_from_checkpoint_fn(tmp_path / "train", fresh)()
+    assert all(torch.equal(fresh.state_dict()[k], whole[k]) for k in whole)
+
+    x = torch.randn(8, 3)
+    data = [(x, layer(x).argmax(1))]
+    metrics = evaluation.evaluate_once(tmp_path / "train" / "model.ckpt-10", tmp_path / "eval", torch.nn.Linear(3, 5),
+                                       data, metrics={"accuracy": lambda out, y: (out.argmax(1) == y).float().mean()})
+    assert metrics["accuracy"] == 1.0
