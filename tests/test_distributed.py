@@ -46,8 +46,23 @@ SCRIPT = textwrap.dedent('''
         def forward(self, x):
             return self.net(x)
 
+    class Blocks(torch.nn.Module):  # a transformer's layout: blocks in a ModuleList (which has no forward)
+        def __init__(self, classes):
+            super().__init__()
+            self.embed = torch.nn.Linear(8, 16)
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+            self.head = torch.nn.Linear(16, classes)
+
+        def forward(self, x):
+            x = self.embed(x)
+            for block in self.blocks:
+                x = x + torch.tanh(block(x))
+            return self.head(x)
+
     if "extra" in opts:
         model = WithSpare(model)
+    if "blocks" in opts:
+        model = Blocks(int(opts.get("classes", 3)))
     call = model.net if opts.get("extra") == "inner" else model  # inner: the loss calls a submodule only
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
@@ -71,7 +86,7 @@ SCRIPT = textwrap.dedent('''
     seen = []
 
     dtypes = set()  # the dtype of the first layer's weight as its forward pass sees it
-    first_layer = model.net[0] if "extra" in opts else model[0]
+    first_layer = model.net[0] if "extra" in opts else model.embed if "blocks" in opts else model[0]
     first_layer.register_forward_pre_hook(lambda m, args: dtypes.add(str(m.weight.dtype)))
     op = learning.create_train_op(total_loss, optimizer, model=model, precision=opts.get("precision", "fp32"))
     op.accumulate_steps = int(opts.get("accumulate", 1))
@@ -308,6 +323,16 @@ def test_fsdp_in_bf16_gathers_bf16_parameters_and_follows_ddp_in_bf16(tmp_path):
     assert "torch.float16" in held(tmp_path / "fsdp16.rank1")["dtypes"]
     meta = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "fsdp16"))
     assert meta["precision"]["scaler"]["scale"] > 0  # the loss scaler's state is checkpointed
+
+
+@pytest.mark.slow
+def test_fsdp_shards_each_block_of_a_module_list_and_follows_ddp(tmp_path):
+    for name, opts in (("ddp", ()), ("fsdp", ("fsdp=1",))):
+        run = torchrun(tmp_path, tmp_path / name, 10, 32, "blocks=1", *opts)
+        assert run.returncode == 0, run.stderr
+    ddp, fsdp = held(tmp_path / "ddp.rank0"), held(tmp_path / "fsdp.rank0")
+    torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(ddp["losses"]), rtol=1e-5, atol=1e-6)
+    assert abs(fsdp["params_local"] / fsdp["params_full"] - 0.5) <= 0.05, fsdp
 
 
 INF_IN_ONE_SHARD = textwrap.dedent('''

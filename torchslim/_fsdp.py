@@ -2,8 +2,9 @@
 
 ``train(..., sharding="fsdp")`` runs :class:`FullySharded` instead of DDP:
 after the restore, ``torch.distributed.fsdp.fully_shard`` is applied to each
-child module that has parameters, then to the root (each of the train op's
-modules), so that a child's parameters are gathered only while it runs and its
+child module that has parameters (each element of a ``ModuleList`` or
+``ModuleDict``, such as a transformer's blocks), then to the root (each of the
+train op's modules), so that a child's parameters are gathered only while it runs and its
 gradients are reduce-scattered as soon as its backward pass is done. Under
 ``precision="bf16"``/``"fp16"`` the gathered parameters are in that dtype and
 the gradients are reduced in fp32 (``MixedPrecisionPolicy``); fp16's loss
@@ -100,9 +101,8 @@ class FullySharded(DataParallel):
         roots: list[FSDPModule] = []
         for module in train_op.modules.values():
             before = dict(module.named_parameters())
-            for child in module.children():
-                if any(True for _ in child.parameters()):
-                    fully_shard(child, mesh=mesh, mp_policy=policy)
+            for unit in _units(module):
+                fully_shard(unit, mesh=mesh, mp_policy=policy)
             roots.append(fully_shard(module, mesh=mesh, mp_policy=policy))
             replaced.update((id(before[name]), p) for name, p in module.named_parameters())
         train_op.replace_parameters(replaced)
@@ -151,6 +151,23 @@ class FullySharded(DataParallel):
 
     def check_logdir(self, logdir: str | None) -> None:
         check_shared_logdir(logdir, self)
+
+
+def _units(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The modules sharded (and gathered) one at a time: each child that has parameters, looking through containers.
+
+    A container without a ``forward`` of its own (``ModuleList``, ``ModuleDict``:
+    a transformer's ``layers``) is never called, so it cannot gather its
+    parameters; its elements are the units instead (each block of the list).
+    Parameters held by no unit are the root's.
+    """
+    for child in module.children():
+        if not any(True for _ in child.parameters()):
+            continue
+        if type(child).forward is torch.nn.Module.forward:  # a container: never called itself
+            yield from _units(child)
+        else:
+            yield child
 
 
 def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
