@@ -193,3 +193,16 @@ def test_warm_starts_and_evaluation_read_a_sharded_checkpoint_as_any_other(tmp_p
     metrics = evaluation.evaluate_once(tmp_path / "train" / "model.ckpt-10", tmp_path / "eval", torch.nn.Linear(3, 5),
                                        data, metrics={"accuracy": lambda out, y: (out.argmax(1) == y).float().mean()})
     assert metrics["accuracy"] == 1.0
+
+
+def test_a_chief_that_cannot_create_the_checkpoint_directory_fails_the_save_everywhere(tmp_path, monkeypatch):
+    from torchslim import _checkpointdir
+
+    def no_directory(path: str) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.dirname(path))
+
+    monkeypatch.setattr(_checkpointdir, "temporary", no_directory)
+    results = save_sharded(tmp_path, 10)
+    for r in results:
+        assert isinstance(r, PermissionError) and "the chief cannot create the checkpoint's directory" in str(r), results
+    assert checkpoint.list_checkpoints(tmp_path) == []

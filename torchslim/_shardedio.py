@@ -114,13 +114,21 @@ def write(state: Mapping[str, Any], path: str, peers: Peers, *, global_step: int
             mine[key] = t
 
     # 1. The temporary directory (the chief's), and whether any process holds a NaN/Inf.
-    tmp = _checkpointdir.temporary(path) if peers.is_chief else None
+    tmp, cannot = None, None
+    if peers.is_chief:
+        try:
+            tmp = _checkpointdir.temporary(path)
+        except OSError as e:  # said to every process, so that none waits for the chief's directory
+            cannot = [e.errno, f"the chief cannot create the checkpoint's directory beside {path}: {e}"]
     bad = _tensorfile.nonfinite(mine) if require_finite else []
-    first = peers.exchange({"tmp": os.path.basename(tmp) if tmp else None, "bad": bad})
+    first = peers.exchange({"tmp": os.path.basename(tmp) if tmp else None, "bad": bad, "error": cannot})
     bad_everywhere = [f"{k} (rank {r})" for r, said in enumerate(first) for k in said["bad"]]
-    if bad_everywhere:
+    no_dir = next((said["error"] for said in first if said["error"] is not None), None)
+    if bad_everywhere or no_dir is not None:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if no_dir is not None:
+            raise OSError(no_dir[0] or errno.EIO, no_dir[1])
         raise NonFiniteError(f"refusing to checkpoint a state with NaN/Inf values in: {', '.join(bad_everywhere)}")
     here = os.path.join(os.path.dirname(path), next(said["tmp"] for said in first if said["tmp"]))
 
