@@ -18,15 +18,23 @@ Measured, each a median of ``--repeats`` (alternating ours / baseline):
 * ``load_s``: in a fresh process, warm page cache: ``checkpoint.load(path,
   into=live state)`` then the optimizer's ``load_state_dict``, against
   ``load_baseline_s``: ``safetensors.torch.load_file`` + ``copy_`` into the
-  model's parameters + the optimizer's ``load_state_dict``.
+  model's parameters + the optimizer's ``load_state_dict`` of the file's tensors.
+  Each load runs in a fresh process of its own.
+* ``load_step_s`` and ``load_step_baseline_s``: the same loads followed by the
+  first update (``.grad`` set on every parameter, ``Adam.step()``), in the same
+  process: what a resumed run waits for before its first step is done. Both
+  sides hand the optimizer's state over as copy-on-write views of the mapped
+  file, so the first update pays for copying its pages (and the baseline for
+  reading the pages ``load_file`` skipped). ``step_s``: a second update, for scale.
 * ``async_step_slowdown``: the time per training step of a small MLP while an
   async save of the state is being written, over its time with nothing in the
   background (2 cores: the write's CPU work competes with the step).
 
 The last line is one JSON object: ``{"100M": {"save_s", "save_baseline_s",
-"stall_s", "copy_baseline_s", "load_s", "load_baseline_s", ...}, "25M": {...}}``.
+"stall_s", "copy_baseline_s", "load_s", "load_baseline_s", "load_step_s",
+"load_step_baseline_s", ...}, "25M": {...}}``.
 
-    .venv/bin/python bench/checkpoint_io.py [--repeats 3] [--sizes 25M,100M] [--dir DIR]
+    .venv/bin/python bench/checkpoint_io.py [--repeats 3] [--sizes 25M,100M] [--dir DIR] [--load-only]
 """
 
 from __future__ import annotations
@@ -187,46 +195,70 @@ import json, sys, time, torch, safetensors.torch
 sys.path.insert(0, sys.argv[4])
 from checkpoint_io import make_state, run_state
 from torchslim import checkpoint
-params, path, baseline_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+params, path, baseline_file, side = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5]
 model, opt = make_state(params)
 opt.state.clear()  # a fresh run: the optimizer has no state until it is restored
-out = {}
-for side in (["ours", "baseline"] if int(sys.argv[5]) % 2 == 0 else ["baseline", "ours"]):
-    for f in (path + "/tensors.safetensors", baseline_file):  # warm page cache: read each once first
-        with open(f, "rb") as fh:
-            while fh.read(1 << 26):
-                pass
-    started = time.perf_counter()
-    if side == "ours":
-        state = checkpoint.load(path, into=run_state(model, opt))
-        opt.load_state_dict(state["optimizer"])
-    else:
-        tensors = safetensors.torch.load_file(baseline_file)
-        with torch.no_grad():
-            for k, p in model.items():
-                p.copy_(tensors["model/" + k])
-        sd = opt.state_dict()
-        for i in sd["state"]:
-            for key in ("step", "exp_avg", "exp_avg_sq"):
-                sd["state"][i][key] = tensors[f"optimizer/state/{i}/{key}"]
-        opt.load_state_dict(sd)
-    out[side] = time.perf_counter() - started
-    opt.state.clear()
-print(json.dumps(out))
+grads = [torch.full_like(p, 1e-3) for p in model.parameters()]  # allocated and touched before any timing
+for f in (path + "/tensors.safetensors", baseline_file):  # warm page cache: read each once first
+    with open(f, "rb") as fh:
+        while fh.read(1 << 26):
+            pass
+started = time.perf_counter()
+if side == "ours":
+    state = checkpoint.load(path, into=run_state(model, opt))
+    opt.load_state_dict(state["optimizer"])
+else:
+    tensors = safetensors.torch.load_file(baseline_file)
+    with torch.no_grad():
+        for k, p in model.items():
+            p.copy_(tensors["model/" + k])
+    sd = opt.state_dict()
+    sd["state"] = {i: {key: tensors[f"optimizer/state/{i}/{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+                   for group in sd["param_groups"] for i in group["params"]}
+    opt.load_state_dict(sd)
+loaded = time.perf_counter()
+assert all(len(s) == 3 for s in opt.state.values()) and len(opt.state) == len(grads), "the optimizer's state was not restored"
+# The first update: Adam reads and writes all of its restored state (the baseline's lazily mapped pages too).
+for p, g in zip(model.parameters(), grads):
+    p.grad = g
+opt.step()
+stepped = time.perf_counter()
+opt.step()  # a second update, nothing left over from the load: what an update costs by itself
+print(json.dumps([loaded - started, stepped - started, time.perf_counter() - stepped]))
 '''
 
 
 def measure_loads(size: str, saved: dict, repeats: int) -> dict:
-    ours, base = [], []
+    """Each load in a fresh process of its own (ours and the baseline's alternating which goes first)."""
+    times: dict[str, list[list[float]]] = {"ours": [], "baseline": []}
     here = os.path.dirname(os.path.abspath(__file__))
     for i in range(repeats):
-        result = subprocess.run([sys.executable, "-c", LOADER, str(PARAMS[size]), saved["checkpoint"],
-                                 saved["baseline_file"], here, str(i)], capture_output=True, text=True, check=True,
-                                env={**os.environ, "PYTHONPATH": os.path.dirname(here)})
-        times = json.loads(result.stdout.strip().splitlines()[-1])
-        ours.append(times["ours"])
-        base.append(times["baseline"])
-    return {"load_s": statistics.median(ours), "load_baseline_s": statistics.median(base)}
+        for side in ("ours", "baseline") if i % 2 == 0 else ("baseline", "ours"):
+            result = subprocess.run([sys.executable, "-c", LOADER, str(PARAMS[size]), saved["checkpoint"],
+                                     saved["baseline_file"], here, side], capture_output=True, text=True, check=True,
+                                    env={**os.environ, "PYTHONPATH": os.path.dirname(here)})
+            times[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    def median(side: str, i: int) -> float:
+        return statistics.median(t[i] for t in times[side])
+
+    return {"load_s": median("ours", 0), "load_baseline_s": median("baseline", 0),
+            "load_step_s": median("ours", 1), "load_step_baseline_s": median("baseline", 1),
+            "step_s": statistics.median(t[2] for side in times.values() for t in side)}
+
+
+def write_once(size: str, root: str) -> dict:
+    """The checkpoint and the baseline's file, written once, untimed (``--load-only``)."""
+    import safetensors.torch
+
+    model, opt = make_state(PARAMS[size])
+    state = run_state(model, opt)
+    _, flat = _statetree.encode(state)
+    path = checkpoint.save(state, os.path.join(root, f"ckpt-{size}", "model.ckpt-1"))
+    target = os.path.join(root, f"base-{size}.safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in flat.items()}, target)
+    return {"state_gib": sum(t.numel() * t.element_size() for t in flat.values()) / 2**30,
+            "checkpoint": path, "baseline_file": target}
 
 
 def main() -> None:
@@ -234,26 +266,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default="25M,100M")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="measure the loads only (the files are written once, untimed)")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="checkpoint_io-", dir=args.dir)
     results = {}
     try:
         for size in args.sizes.split(","):
-            saved = measure_saves(size, root, args.repeats)
+            saved = write_once(size, root) if args.load_only else measure_saves(size, root, args.repeats)
             saved.update(measure_loads(size, saved, args.repeats))
             results[size] = {k: round(v, 4) for k, v in saved.items() if isinstance(v, float)}
             shutil.rmtree(os.path.join(root, f"ckpt-{size}"), ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats}")
-    print(f"{'state':>6} {'GiB':>5} | {'save':>6} {'base':>6} {'ratio':>5} {'mem':>5} | {'stall':>6} {'copy':>6} "
-          f"{'ratio':>5} {'total':>6} {'steps':>5} | {'load':>6} {'base':>6} {'ratio':>5}")
+    if not args.load_only:
+        print(f"{'state':>6} {'GiB':>5} | {'save':>6} {'base':>6} {'ratio':>5} {'mem':>5} | {'stall':>6} {'copy':>6} "
+              f"{'ratio':>5} {'total':>6} {'steps':>5}")
+        for size, r in results.items():
+            print(f"{size:>6} {r['state_gib']:5.2f} | {r['save_s']:6.3f} {r['save_baseline_s']:6.3f} "
+                  f"{r['save_s'] / r['save_baseline_s']:5.2f} {r['save_extra_mem']:5.1%} | {r['stall_s']:6.3f} "
+                  f"{r['copy_baseline_s']:6.3f} {r['stall_s'] / r['copy_baseline_s']:5.2f} {r['async_total_s']:6.3f} "
+                  f"{r['async_step_slowdown']:5.2f}")
+    print(f"{'state':>6} {'GiB':>5} | {'load':>6} {'base':>6} {'ratio':>5} | {'load+update':>11} {'base':>6} "
+          f"{'ratio':>5} | {'update':>6}")
     for size, r in results.items():
-        print(f"{size:>6} {r['state_gib']:5.2f} | {r['save_s']:6.3f} {r['save_baseline_s']:6.3f} "
-              f"{r['save_s'] / r['save_baseline_s']:5.2f} {r['save_extra_mem']:5.1%} | {r['stall_s']:6.3f} "
-              f"{r['copy_baseline_s']:6.3f} {r['stall_s'] / r['copy_baseline_s']:5.2f} {r['async_total_s']:6.3f} "
-              f"{r['async_step_slowdown']:5.2f} | {r['load_s']:6.3f} {r['load_baseline_s']:6.3f} "
-              f"{r['load_s'] / r['load_baseline_s']:5.2f}")
+        print(f"{size:>6} {r['state_gib']:5.2f} | {r['load_s']:6.3f} {r['load_baseline_s']:6.3f} "
+              f"{r['load_s'] / r['load_baseline_s']:5.2f} | {r['load_step_s']:11.3f} {r['load_step_baseline_s']:6.3f} "
+              f"{r['load_step_s'] / r['load_step_baseline_s']:5.2f} | {r['step_s']:6.3f}")
     print(json.dumps(results))
 
 

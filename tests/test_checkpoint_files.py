@@ -13,7 +13,7 @@ import torch
 import xxhash
 from conftest import Logistic, batches
 
-from torchslim import _tensorfile, checkpoint, evaluation, learning, variables
+from torchslim import _statetree, _tensorfile, checkpoint, evaluation, learning, variables
 from torchslim.checkpoint import CorruptCheckpointError
 
 
@@ -262,3 +262,37 @@ def test_the_cli_on_a_logdir_falls_back_past_a_corrupt_newest_one(tmp_path, caps
     assert "of " + str(logdir / "model.ckpt-1") in capsys.readouterr().out
     assert caplog.text.count("model.ckpt-2 is corrupt: tensors.safetensors has 10 bytes") == 2
     assert cli.main(["inspect", str(logdir / "model.ckpt-2")]) == 2  # named explicitly: refused, not replaced
+
+
+def test_a_corrupt_chunk_in_the_optimizers_part_is_refused_before_any_live_tensor_is_written(tmp_path, monkeypatch):
+    """The model's bytes check out, a later chunk of Adam's state does not: no live tensor, model or optimizer, is touched."""
+    import functools
+
+    def adam(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(64, 64)
+        opt = torch.optim.Adam(model.parameters())
+        model(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = adam(1)
+    monkeypatch.setattr(_tensorfile, "write", functools.partial(_tensorfile.write, chunk_bytes=4096))
+    path = checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "model.ckpt-1")
+    tensor_file = tmp_path / "model.ckpt-1" / "tensors.safetensors"
+    data = bytearray(tensor_file.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    model_end = 8 + n + max(e["data_offsets"][1] for k, e in header.items() if k.startswith("model/"))
+    begin, end = header["optimizer/state/1/exp_avg_sq"]["data_offsets"]
+    corrupt = 8 + n + (begin + end) // 2
+    assert corrupt // 4096 > model_end // 4096  # a chunk that holds none of the model's bytes
+    data[corrupt] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+
+    live_model, live_opt = adam(2)
+    live = {"model": live_model.state_dict(), "optimizer": live_opt.state_dict()}
+    before = {k: t.clone() for k, t in _statetree.tensor_paths(live).items()}
+    with pytest.raises(CorruptCheckpointError, match=f"chunk {corrupt // 4096} of .* do not match their checksum"):
+        checkpoint.load(path, into=live)
+    assert all(torch.equal(t, before[k]) for k, t in _statetree.tensor_paths(live).items())  # nothing written into them
