@@ -385,3 +385,13 @@ def test_tensorboard_shows_the_demo_run_as_a_showcase(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_under_accumulation_each_loss_is_summarized_over_the_whole_update_as_the_total_is(tmp_path):
+    model, total_loss = relu_problem()
+    op = create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1), accumulate_steps=4)
+    train(op, tmp_path, batches(), number_of_steps=6, save_summaries_steps=5)
+    total, parts = scalars(tmp_path, "total_loss")[5], (
+        scalars(tmp_path, "losses/sigmoid_cross_entropy")[5]
+        + scalars(tmp_path, "regularization_losses/l2_regularization")[5])
+    assert total == pytest.approx(parts, rel=1e-5)  # each loss is the mean of its 4 micro-batches, as the total

@@ -91,6 +91,7 @@ class TrainOp:
         self._sync: GradientSync = LocalGradients()
         self._micro_batches = 0  # taken in the current update
         self._update_loss: torch.Tensor | None = None  # their summed loss, when accumulating
+        self._update_losses: losses.LossCollection | None = None  # each named loss's mean, on summary steps
         self._sync_numerics: bool | None = None  # decided on the first step, from the loss's device
         self._pending_finite: torch.Tensor | None = None
         self._pending_since = 0
@@ -108,6 +109,8 @@ class TrainOp:
             return StepResult(loss, collected, applied=False)
         if self._update_loss is not None:
             loss, self._update_loss = self._update_loss / self.accumulate_steps, None
+        if self._update_losses is not None:  # summaries show each loss over the whole update, as the total
+            collected, self._update_losses = self._update_losses, None
         return StepResult(loss, collected, applied=self.apply())
 
     def forward_backward(self, batch: Any = NO_BATCH) -> tuple[torch.Tensor, losses.LossCollection]:
@@ -137,6 +140,8 @@ class TrainOp:
         loss = loss.detach()
         if k > 1:
             self._update_loss = loss if first or self._update_loss is None else self._update_loss + loss
+            if summaries.recording():  # only where summaries will read them: a few scalar ops per micro-batch
+                self._update_losses = _add_mean(None if first else self._update_losses, collected, k)
         return loss, collected
 
     def _compile_step(self, batch: Any) -> tuple[torch.Tensor, losses.LossCollection]:
@@ -337,3 +342,21 @@ class TrainOp:
     def __repr__(self) -> str:
         return (f"TrainOp(modules={list(self.modules) or None}, optimizer={type(self.optimizer).__name__}, "
                 f"step={self.step}, update_ops={len(self.update_ops)}, check_numerics={self.check_numerics})")
+
+
+def _add_mean(total: losses.LossCollection | None, collected: losses.LossCollection, k: int) -> losses.LossCollection:
+    """``total`` plus ``collected / k``, loss by loss (detached), keeping names: the mean over k micro-batches.
+
+    A micro-batch that adds other losses than the first did starts the sum afresh.
+    """
+    out = losses.LossCollection()
+    for kind in ("losses", "regularization_losses"):
+        before, now = getattr(total, kind) if total is not None else None, getattr(collected, kind)
+        same = before is not None and len(before) == len(now)
+        for i, loss in enumerate(now):
+            value = loss.detach() / k
+            if same:
+                value = before[i] + value  # type: ignore[index]
+            getattr(out, kind).append(value)
+            out.names[id(value)] = collected.names.get(id(loss), "loss")
+    return out
