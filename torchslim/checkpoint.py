@@ -10,6 +10,12 @@ A checkpoint is a directory ``<logdir>/model.ckpt-<global step>`` holding
   size and checksums (xxh3-64 per 64 MiB chunk), and the caller's
   ``metadata`` (e.g. the validation metrics measured on these weights).
 
+A sharded checkpoint (format 3, written by ``train(sharding="fsdp")`` through
+:meth:`Saver.save_sharded`) holds one ``tensors-rank<r>-of-<N>.safetensors``
+per process instead, each with that process's rows of every sharded tensor;
+``state.json`` also says which rows each file holds, and :func:`load` joins
+them, on any number of processes.
+
 Nothing is ever unpickled on load. A checkpoint is written into a hidden
 temporary directory beside its final name, every file and the directory are
 fsynced, and only then is it renamed into place: the rename is the commit. A
