@@ -345,8 +345,11 @@ def train(
         sharding: ``None``: every process holds the whole model, gradients are
             averaged by DDP. ``"fsdp"`` (several processes only): FSDP2 shards the
             parameters, gradients and optimizer state of each child module with
-            parameters, then the root, so each process holds about 1/world_size;
-            checkpoints still hold the whole model. See :mod:`torchslim._fsdp`.
+            parameters (each block of a ``ModuleList``), then the root, so each
+            process holds about 1/world_size, and each process writes its own
+            shards of every checkpoint (the logdir must be one directory every
+            process sees); a checkpoint resumes on any number of processes. See
+            :mod:`torchslim._fsdp`.
 
     Returns:
         The last loss as a float, or ``None`` if no step was taken.
