@@ -25,7 +25,8 @@ Measured, each a median of ``--repeats`` (alternating ours / baseline):
   process: what a resumed run waits for before its first step is done. Both
   sides hand the optimizer's state over as copy-on-write views of the mapped
   file, so the first update pays for copying its pages (and the baseline for
-  reading the pages ``load_file`` skipped). ``step_s``: a second update, for scale.
+  reading the pages ``load_file`` skipped). ``step_s``: a second update, for scale;
+  ``load_verify_s``: the part of ``load_s`` spent checking the checksums.
 * ``async_step_slowdown``: the time per training step of a small MLP while an
   async save of the state is being written, over its time with nothing in the
   background (2 cores: the write's CPU work competes with the step).
@@ -194,8 +195,15 @@ LOADER = r'''
 import json, sys, time, torch, safetensors.torch
 sys.path.insert(0, sys.argv[4])
 from checkpoint_io import make_state, run_state
-from torchslim import checkpoint
+from torchslim import _tensorfile, checkpoint
 params, path, baseline_file, side = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5]
+verifying = [0.0]  # the part of our load spent checking the chunk checksums
+verify = _tensorfile.TensorFile.verify
+def timed_verify(self):
+    started = time.perf_counter()
+    verify(self)
+    verifying[0] += time.perf_counter() - started
+_tensorfile.TensorFile.verify = timed_verify
 model, opt = make_state(params)
 opt.state.clear()  # a fresh run: the optimizer has no state until it is restored
 grads = [torch.full_like(p, 1e-3) for p in model.parameters()]  # allocated and touched before any timing
@@ -224,7 +232,7 @@ for p, g in zip(model.parameters(), grads):
 opt.step()
 stepped = time.perf_counter()
 opt.step()  # a second update, nothing left over from the load: what an update costs by itself
-print(json.dumps([loaded - started, stepped - started, time.perf_counter() - stepped]))
+print(json.dumps([loaded - started, stepped - started, time.perf_counter() - stepped, verifying[0]]))
 '''
 
 
@@ -244,7 +252,8 @@ def measure_loads(size: str, saved: dict, repeats: int) -> dict:
 
     return {"load_s": median("ours", 0), "load_baseline_s": median("baseline", 0),
             "load_step_s": median("ours", 1), "load_step_baseline_s": median("baseline", 1),
-            "step_s": statistics.median(t[2] for side in times.values() for t in side)}
+            "step_s": statistics.median(t[2] for side in times.values() for t in side),
+            "load_verify_s": median("ours", 3)}
 
 
 def write_once(size: str, root: str) -> dict:
@@ -288,10 +297,10 @@ def main() -> None:
                   f"{r['save_s'] / r['save_baseline_s']:5.2f} {r['save_extra_mem']:5.1%} | {r['stall_s']:6.3f} "
                   f"{r['copy_baseline_s']:6.3f} {r['stall_s'] / r['copy_baseline_s']:5.2f} {r['async_total_s']:6.3f} "
                   f"{r['async_step_slowdown']:5.2f}")
-    print(f"{'state':>6} {'GiB':>5} | {'load':>6} {'base':>6} {'ratio':>5} | {'load+update':>11} {'base':>6} "
-          f"{'ratio':>5} | {'update':>6}")
+    print(f"{'state':>6} {'GiB':>5} | {'load':>6} {'verify':>6} {'base':>6} {'ratio':>5} | {'load+update':>11} "
+          f"{'base':>6} {'ratio':>5} | {'update':>6}")
     for size, r in results.items():
-        print(f"{size:>6} {r['state_gib']:5.2f} | {r['load_s']:6.3f} {r['load_baseline_s']:6.3f} "
+        print(f"{size:>6} {r['state_gib']:5.2f} | {r['load_s']:6.3f} {r['load_verify_s']:6.3f} {r['load_baseline_s']:6.3f} "
               f"{r['load_s'] / r['load_baseline_s']:5.2f} | {r['load_step_s']:11.3f} {r['load_step_baseline_s']:6.3f} "
               f"{r['load_step_s'] / r['load_step_baseline_s']:5.2f} | {r['step_s']:6.3f}")
     print(json.dumps(results))
