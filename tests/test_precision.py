@@ -375,5 +375,5 @@ def test_resuming_with_another_number_of_micro_batches_per_update_warns_how_to_k
     with caplog.at_level("WARNING", logger="torchslim"):
         run(1, 5)
     assert ("model.ckpt-4 was written by 1 process(es) x 2 micro-batch(es) per update, this run has 1 x 1: each "
-            "update now takes 1 batches instead of 2") in caplog.text
+            "update now takes 1 batch(es) instead of 2") in caplog.text
     assert "keep processes x accumulate_steps = 2 (e.g. accumulate_steps=2)" in caplog.text

@@ -148,7 +148,7 @@ class Supervisor:
         if before != after:
             log.warning(
                 "%s was written by %d process(es) x %d micro-batch(es) per update, this run has %d x %d: each update "
-                "now takes %d batches instead of %d, so the effective batch size (and what the learning rate was tuned "
+                "now takes %d batch(es) instead of %d, so the effective batch size (and what the learning rate was tuned "
                 "for) changes. To continue the same run, keep processes x accumulate_steps = %d (e.g. "
                 "accumulate_steps=%d)", path, saved["processes"], saved["accumulate_steps"], now["processes"],
                 now["accumulate_steps"], after, before, before,
