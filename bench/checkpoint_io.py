@@ -27,13 +27,17 @@ Measured, each a median of ``--repeats`` (alternating ours / baseline):
   file, so the first update pays for copying its pages (and the baseline for
   reading the pages ``load_file`` skipped). ``step_s``: a second update, for scale;
   ``load_verify_s``: the part of ``load_s`` spent checking the checksums.
+* ``resume_s`` and ``resume_step_s``: the load as ``train()`` restores
+  (``checkpoint.load(..., mmap=False)``: the optimizer's state copied once into
+  memory of its own instead of copy-on-write views), alone and with the first
+  update; compare ``resume_step_s`` with ``load_step_baseline_s``.
 * ``async_step_slowdown``: the time per training step of a small MLP while an
   async save of the state is being written, over its time with nothing in the
   background (2 cores: the write's CPU work competes with the step).
 
 The last line is one JSON object: ``{"100M": {"save_s", "save_baseline_s",
 "stall_s", "copy_baseline_s", "load_s", "load_baseline_s", "load_step_s",
-"load_step_baseline_s", ...}, "25M": {...}}``.
+"load_step_baseline_s", "resume_s", "resume_step_s", ...}, "25M": {...}}``.
 
     .venv/bin/python bench/checkpoint_io.py [--repeats 3] [--sizes 25M,100M] [--dir DIR] [--load-only]
 """
@@ -212,8 +216,8 @@ for f in (path + "/tensors.safetensors", baseline_file):  # warm page cache: rea
         while fh.read(1 << 26):
             pass
 started = time.perf_counter()
-if side == "ours":
-    state = checkpoint.load(path, into=run_state(model, opt))
+if side in ("ours", "resume"):  # resume: as train() restores, the optimizer's state in memory of its own
+    state = checkpoint.load(path, into=run_state(model, opt), mmap=side == "ours")
     opt.load_state_dict(state["optimizer"])
 else:
     tensors = safetensors.torch.load_file(baseline_file)
@@ -238,10 +242,10 @@ print(json.dumps([loaded - started, stepped - started, time.perf_counter() - ste
 
 def measure_loads(size: str, saved: dict, repeats: int) -> dict:
     """Each load in a fresh process of its own (ours and the baseline's alternating which goes first)."""
-    times: dict[str, list[list[float]]] = {"ours": [], "baseline": []}
+    times: dict[str, list[list[float]]] = {"ours": [], "resume": [], "baseline": []}
     here = os.path.dirname(os.path.abspath(__file__))
     for i in range(repeats):
-        for side in ("ours", "baseline") if i % 2 == 0 else ("baseline", "ours"):
+        for side in ("ours", "resume", "baseline") if i % 2 == 0 else ("baseline", "resume", "ours"):
             result = subprocess.run([sys.executable, "-c", LOADER, str(PARAMS[size]), saved["checkpoint"],
                                      saved["baseline_file"], here, side], capture_output=True, text=True, check=True,
                                     env={**os.environ, "PYTHONPATH": os.path.dirname(here)})
@@ -253,7 +257,8 @@ def measure_loads(size: str, saved: dict, repeats: int) -> dict:
     return {"load_s": median("ours", 0), "load_baseline_s": median("baseline", 0),
             "load_step_s": median("ours", 1), "load_step_baseline_s": median("baseline", 1),
             "step_s": statistics.median(t[2] for side in times.values() for t in side),
-            "load_verify_s": median("ours", 3)}
+            "load_verify_s": median("ours", 3), "resume_s": median("resume", 0),
+            "resume_step_s": median("resume", 1)}
 
 
 def write_once(size: str, root: str) -> dict:
@@ -298,11 +303,12 @@ def main() -> None:
                   f"{r['copy_baseline_s']:6.3f} {r['stall_s'] / r['copy_baseline_s']:5.2f} {r['async_total_s']:6.3f} "
                   f"{r['async_step_slowdown']:5.2f}")
     print(f"{'state':>6} {'GiB':>5} | {'load':>6} {'verify':>6} {'base':>6} {'ratio':>5} | {'load+update':>11} "
-          f"{'base':>6} {'ratio':>5} | {'update':>6}")
+          f"{'base':>6} {'ratio':>5} | {'resume':>6} {'+update':>7} {'ratio':>5} | {'update':>6}")
     for size, r in results.items():
         print(f"{size:>6} {r['state_gib']:5.2f} | {r['load_s']:6.3f} {r['load_verify_s']:6.3f} {r['load_baseline_s']:6.3f} "
               f"{r['load_s'] / r['load_baseline_s']:5.2f} | {r['load_step_s']:11.3f} {r['load_step_baseline_s']:6.3f} "
-              f"{r['load_step_s'] / r['load_step_baseline_s']:5.2f} | {r['step_s']:6.3f}")
+              f"{r['load_step_s'] / r['load_step_baseline_s']:5.2f} | {r['resume_s']:6.3f} {r['resume_step_s']:7.3f} "
+              f"{r['resume_step_s'] / r['load_step_baseline_s']:5.2f} | {r['step_s']:6.3f}")
     print(json.dumps(results))
 
 

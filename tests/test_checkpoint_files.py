@@ -296,3 +296,40 @@ def test_a_corrupt_chunk_in_the_optimizers_part_is_refused_before_any_live_tenso
     with pytest.raises(CorruptCheckpointError, match=f"chunk {corrupt // 4096} of .* do not match their checksum"):
         checkpoint.load(path, into=live)
     assert all(torch.equal(t, before[k]) for k, t in _statetree.tensor_paths(live).items())  # nothing written into them
+
+
+def mapped_deleted_files() -> list[str]:
+    """Files this process still maps although they were deleted (their disk space stays in use)."""
+    with open("/proc/self/maps") as f:
+        return [line.split(None, 5)[-1].strip() for line in f if "tensors.safetensors (deleted)" in line]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_mmap_false_gives_tensors_their_own_memory_and_keeps_no_deleted_file_in_use(tmp_path):
+    path = checkpoint.save({"m": torch.arange(1 << 20, dtype=torch.float32)}, tmp_path / "model.ckpt-1")
+    viewed, owned = checkpoint.load(path), checkpoint.load(path, mmap=False)
+    owned["m"].add_(1)  # written: the file is not
+    assert torch.equal(checkpoint.load(path)["m"], torch.arange(1 << 20, dtype=torch.float32))
+    checkpoint._checkpointdir.remove(path)
+    assert len(mapped_deleted_files()) == 1  # the view's map: kept alive by `viewed`
+    del viewed
+    assert mapped_deleted_files() == []
+    assert owned["m"][5].item() == 6.0
+    with pytest.raises(TypeError, match="`mmap` must be True .* or False .*, got 'no'"):
+        checkpoint.load(tmp_path, mmap="no")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_a_resumed_run_keeps_no_deleted_checkpoint_mapped(tmp_path):
+    problem = Logistic()
+    op = learning.create_train_op(problem.loss, torch.optim.Adam(problem.model.parameters(), lr=0.01))
+    learning.train(op, tmp_path, batches(), number_of_steps=5, save_interval_steps=5)
+    problem = Logistic()
+    optimizer = torch.optim.Adam(problem.model.parameters(), lr=0.01)
+    op = learning.create_train_op(problem.loss, optimizer)
+    # Resumes from step 5 (Adam's state not there yet: restored into memory of its own), then retention
+    # (max_to_keep=1) deletes model.ckpt-5 while the optimizer's state lives on.
+    learning.train(op, tmp_path, batches(), number_of_steps=10, save_interval_steps=5,
+                   saver=checkpoint.Saver(max_to_keep=1))
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path)] == ["model.ckpt-10"]
+    assert optimizer.state and mapped_deleted_files() == []

@@ -335,7 +335,7 @@ class Saver:
             return 0.0
 
     def restore_latest(self, logdir: str | os.PathLike, *, map_location: str | torch.device = "cpu", into: Any = None,
-                       check: Callable[[str, dict[str, Any]], None] | None = None
+                       check: Callable[[str, dict[str, Any]], None] | None = None, mmap: bool = True
                        ) -> tuple[str, dict[str, Any]] | None:
         """Load the newest readable checkpoint in ``logdir``: ``(path, state)``, or ``None`` if there is none.
 
@@ -346,7 +346,7 @@ class Saver:
             return None
         if os.path.isfile(os.path.join(logdir, STATE_FILE)):
             raise ValueError(f"`logdir` {os.fspath(logdir)!r} is a checkpoint, not a logdir holding checkpoints")
-        return restore(logdir, map_location=map_location, into=into, check=check)
+        return restore(logdir, map_location=map_location, into=into, check=check, mmap=mmap)
 
 
 # ---------------------------------------------------------------- metrics

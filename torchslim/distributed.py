@@ -317,7 +317,7 @@ class DataParallel(Engine):
 
 def _try_load(path: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
-        return checkpoint.load(path), None
+        return checkpoint.load(path, mmap=False), None  # a run's state: its optimizer writes it all
     except (OSError, ValueError) as error:
         return None, f"{type(error).__name__}: {error}"
 

@@ -157,9 +157,10 @@ class Supervisor:
     def _find_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
         if self.config.logdir is None:
             return None
-        # Tensors go straight into the live model (and optimizer state, if it has any yet) where they fit.
+        # Tensors go straight into the live model (and optimizer state, if it has any yet) where they fit; the
+        # rest (a fresh optimizer's state) gets memory of its own: the first update writes all of it.
         return (self.config.saver or checkpoint.Saver()).restore_latest(
-            self.config.logdir, into=self.train_op.state_dict(), check=_check_run_state)
+            self.config.logdir, into=self.train_op.state_dict(), check=_check_run_state, mmap=False)
 
     # ------------------------------------------------------------ each step
 
