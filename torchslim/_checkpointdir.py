@@ -20,10 +20,11 @@ import shutil
 import socket
 import tempfile
 
-__all__ = ["LogdirLock", "LogdirLockedError", "commit", "fsync_dir", "no_space_error", "remove", "remove_leftovers",
-           "temporary"]
+__all__ = ["STATE_FILE", "LogdirLock", "LogdirLockedError", "commit", "fsync_dir", "no_space_error", "remove",
+           "remove_leftovers", "temporary", "write_durably"]
 
 LOCK_FILE = ".torchslim.lock"
+STATE_FILE = "state.json"  # a checkpoint's metadata; written last, its presence marks a committed checkpoint
 
 
 def fsync_dir(path: str) -> None:
@@ -33,6 +34,14 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durably(path: str, data: bytes) -> None:
+    """Write ``data`` as the file ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def temporary(path: str) -> str:

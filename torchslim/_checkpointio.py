@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import torch
 
 from torchslim import _checkpointdir, _shardedio, _statetree, _tensorfile
+from torchslim._checkpointdir import STATE_FILE
+from torchslim._checkpointdir import write_durably as _write_durably
 from torchslim._types import NonFiniteError
 
 log = logging.getLogger("torchslim")
@@ -27,7 +29,6 @@ _T = TypeVar("_T")
 
 CHECKPOINT_PREFIX = "model.ckpt"
 TENSOR_FILE = "tensors.safetensors"
-STATE_FILE = "state.json"
 FORMAT = "torchslim.checkpoint/2"
 FORMATS = ("torchslim.checkpoint/1", FORMAT, _shardedio.FORMAT)  # those this release reads (3: sharded)
 _NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"-(\d+)$")
@@ -148,13 +149,6 @@ def _write(path: str, tree: Any, tensors: Mapping[str, torch.Tensor], *, global_
         raise
 
 
-def _write_durably(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -266,10 +260,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
     meta = read_metadata(path)
     index = _open_files(path, meta)
     try:
-        try:
-            sharded = _shardedio.pieces_of(meta, {k: f.entries[k] for k, f in index.items()})
-        except ValueError as e:
-            raise _corrupt(path, f"{STATE_FILE}: {e}") from None
+        sharded = _sharded_pieces(path, meta, {k: f.entries[k] for k, f in index.items()})
 
         def check(key: str, where: str) -> torch.Tensor:
             if key not in index and key not in sharded:
@@ -298,7 +289,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
                 if torch.device(map_location).type != "cpu":
                     done[key] = view.to(map_location)
                 else:
-                    done[key] = view if mmap else torch.empty_like(view).copy_(view)
+                    done[key] = view if mmap else view.clone()
             return done[key]
 
         def joined(key: str, where: str) -> torch.Tensor:  # a sharded tensor: its pieces, row after row
@@ -318,6 +309,14 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", i
     finally:
         for f in set(index.values()):
             f.close()
+
+
+def _sharded_pieces(path: str, meta: dict[str, Any], entries: Mapping[str, Any]) -> dict[str, _shardedio.Pieces]:
+    """:func:`torchslim._shardedio.pieces_of`, its refusals as ``CorruptCheckpointError`` naming the checkpoint."""
+    try:
+        return _shardedio.pieces_of(meta, entries)
+    except ValueError as e:
+        raise _corrupt(path, f"{STATE_FILE}: {e}") from None
 
 
 # ---------------------------------------------------------------- the checkpoint to use

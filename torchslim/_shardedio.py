@@ -169,10 +169,7 @@ def write(state: Mapping[str, Any], path: str, peers: Peers, *, global_step: int
                                 "state": tree, "sharded": sharded}
         if metadata is not None:
             meta["metadata"] = dict(metadata)
-        with open(os.path.join(tmp, "state.json"), "wb") as f:
-            f.write(json.dumps(meta).encode())
-            f.flush()
-            os.fsync(f.fileno())
+        _checkpointdir.write_durably(os.path.join(tmp, _checkpointdir.STATE_FILE), json.dumps(meta).encode())
         _checkpointdir.commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,10 +221,10 @@ def pieces_of(meta: dict[str, Any], entries: Mapping[str, tuple[torch.dtype, lis
     for key, spec in sharded.items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
         listed = spec.get("pieces") if isinstance(spec, dict) else None
-        if not (isinstance(shape, list) and 1 <= len(shape) <= 64 and all(_is_int(d) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 64 and all(_tensorfile._is_int(d) and d >= 0 for d in shape)):
             raise ValueError(f"sharded tensor {key!r} has the shape {shape!r:.80}, not a list of non-negative ints")
         if not (isinstance(listed, list) and listed and all(
-                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and _is_int(p[1]) for p in listed)):
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and _tensorfile._is_int(p[1]) for p in listed)):
             raise ValueError(f"sharded tensor {key!r} has pieces {listed!r:.80}, not [[piece key, first row], ...]")
         found: list[tuple[str, int, int]] = []
         dtypes = set()
@@ -251,10 +248,6 @@ def pieces_of(meta: dict[str, Any], entries: Mapping[str, tuple[torch.dtype, lis
             raise ValueError(f"sharded tensor {key!r} has {shape[0]} rows, but its pieces hold {row}")
         out[key] = (dtypes.pop(), shape, found)
     return out
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # ---------------------------------------------------------------- start

@@ -72,6 +72,7 @@ from torchslim._checkpointio import (
     _check_metadata,
     _corrupt,
     _resolve,
+    _sharded_pieces,
     _write,
     _write_durably,
     checkpoint_path,
@@ -204,8 +205,7 @@ class Saver:
         if not isinstance(state, Mapping):
             raise TypeError(f"`state` must be a dict, got {type(state).__name__}")
         _check_metadata(metadata)
-        if self.metric is not None and not (metadata or {}).get("watch"):  # for best_checkpoint(logdir)
-            metadata = {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
+        metadata = self._with_watch(metadata)
         tree, tensors = _statetree.encode(state)
         if not self.async_save or final:
             self._check_finite(tensors)
@@ -241,16 +241,14 @@ class Saver:
         if not isinstance(state, Mapping):
             raise TypeError(f"`state` must be a dict, got {type(state).__name__}")
         _check_metadata(metadata)
-        if not peers.is_chief:
-            return _shardedio.write(state, path, peers, global_step=int(global_step), final=final, metadata=None,
-                                    require_finite=self.require_finite)
-        preserved = self._preserved_in(logdir)
-        if self.metric is not None and not (metadata or {}).get("watch"):
-            metadata = {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
+        # The chief alone clears leftovers (before the shared temporary directory exists), records and retires.
+        preserved = self._preserved_in(logdir) if peers.is_chief else set()
+        metadata = self._with_watch(metadata) if peers.is_chief else None
         _shardedio.write(state, path, peers, global_step=int(global_step), final=final, metadata=metadata,
                          require_finite=self.require_finite)
-        self._metrics[path] = _metadata_metrics(metadata)
-        self._retire_old(logdir, preserved)
+        if peers.is_chief:
+            self._metrics[path] = _metadata_metrics(metadata)
+            self._retire_old(logdir, preserved)
         return path
 
     def mark_final(self, logdir: str | os.PathLike, global_step: int, *,
@@ -264,8 +262,7 @@ class Saver:
         self._writer.wait(None)  # the save of that step may still be in flight
         path = checkpoint_path(os.path.abspath(os.fspath(logdir)), global_step)
         _check_metadata(metadata)
-        if self.metric is not None and not (metadata or {}).get("watch"):
-            metadata = {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
+        metadata = self._with_watch(metadata)
         meta = read_metadata(path)
         meta["final"] = True
         if metadata is not None:
@@ -280,6 +277,12 @@ class Saver:
                 os.remove(tmp)
         _checkpointdir.fsync_dir(path)
         return path
+
+    def _with_watch(self, metadata: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """``metadata`` plus ``"watch": {"metric", "mode"}`` when this saver ranks by a metric (for best_checkpoint)."""
+        if self.metric is None or (metadata or {}).get("watch"):
+            return metadata
+        return {**(metadata or {}), "watch": {"metric": self.metric, "mode": self.mode}}
 
     def _check_finite(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if self.require_finite and (bad := _tensorfile.nonfinite(tensors)):
@@ -464,10 +467,7 @@ def _describe(path: str, show_all: bool) -> str:
             raise _corrupt(path, f"{name} {e}") from None
         entries.update(f.entries)
         f.close()
-    try:
-        sharded = _shardedio.pieces_of(meta, entries)
-    except ValueError as e:
-        raise _corrupt(path, f"{STATE_FILE}: {e}") from None
+    sharded = _sharded_pieces(path, meta, entries)
     pieces = {name for _, _, listed in sharded.values() for name, _, _ in listed}
     tensors = [(key, _tensorfile.DTYPES[dtype], shape) for key, (dtype, shape, _, _) in entries.items()
                if key not in pieces]
