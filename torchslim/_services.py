@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from torchslim import _checkpointdir, checkpoint, summaries
+from torchslim._engine import Engine
 from torchslim._trainop import StepResult, TrainOp
 from torchslim._types import DEFAULT, Policy
 
@@ -260,7 +261,7 @@ class Checkpoints(Service):
                  logdir: str | os.PathLike[str] | None,
                  is_chief: bool, state_fn: Callable[[], dict[str, Any]],
                  metadata_fn: Callable[[int, bool, bool], dict[str, Any] | None] | None = None,
-                 peers: Any = None) -> None:
+                 peers: Engine | None = None) -> None:
         self.train_op, self.saver, self.policy = train_op, saver, policy
         self.logdir, self.is_chief, self.state_fn = logdir, is_chief, state_fn
         self.metadata_fn = metadata_fn
