@@ -134,12 +134,10 @@ def lower_quartile(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=4, method="inclusive")[0] if len(xs) > 1 else xs[0]
 
 
-def run_raw(build: Callable[[], nn.Module], loader: torch.utils.data.DataLoader, steps: int) -> Run:
-    """The hand-written loop, with a stamp after every 100th optimizer step."""
-    model, opt = fresh(build)
-    marks: list[tuple[int, float, float]] = []
+def raw_loop(model: nn.Module, opt: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, steps: int,
+             marks: list[tuple[int, float, float]] | None = None) -> torch.Tensor:
+    """The hand-written loop, over epochs until ``steps`` updates; a stamp in ``marks`` after every 100th. Its last loss."""
     step = 0
-    start = time.perf_counter()
     while step < steps:
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
@@ -147,10 +145,19 @@ def run_raw(build: Callable[[], nn.Module], loader: torch.utils.data.DataLoader,
             loss.backward()
             opt.step()
             step += 1
-            if step % LOG_EVERY == 0:
+            if marks is not None and step % LOG_EVERY == 0:
                 marks.append((step, *now()))
             if step == steps:
                 break
+    return loss
+
+
+def run_raw(build: Callable[[], nn.Module], loader: torch.utils.data.DataLoader, steps: int) -> Run:
+    """The hand-written loop, with a stamp after every 100th optimizer step."""
+    model, opt = fresh(build)
+    marks: list[tuple[int, float, float]] = []
+    start = time.perf_counter()
+    loss = raw_loop(model, opt, loader, steps, marks)
     return finish(marks, start, steps, loss.item())
 
 
@@ -192,16 +199,8 @@ def e2e_one(side: str, steps: int) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False)
     model, opt = fresh(model_s)
     if side == "raw":
-        start, step = time.perf_counter(), 0
-        while step < steps:
-            for x, y in loader:
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                step += 1
-                if step == steps:
-                    break
+        start = time.perf_counter()
+        raw_loop(model, opt, loader, steps)
         return (time.perf_counter() - start) / steps
 
     def with_losses(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
